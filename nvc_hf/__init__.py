@@ -1,0 +1,35 @@
+"""Nebula Variational Coding (NVC) for the Hugging Face ecosystem."""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+from .configuration_nvc import NVCConfig
+from .configuration_nvc_vision import NVCVisionConfig
+from .image_processing_nvc import NVCImageProcessor
+from .modeling_nvc_vision import NVCForImageClassification, NVCVisionModel, NVCVisionPreTrainedModel
+from .nebula import NebulaOutput, NVCBottleneck
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(NVCVisionConfig.model_type, NVCVisionConfig, exist_ok=True)
+AutoModel.register(NVCVisionConfig, NVCVisionModel, exist_ok=True)
+AutoModelForImageClassification.register(NVCVisionConfig, NVCForImageClassification, exist_ok=True)
+AutoImageProcessor.register(NVCVisionConfig, slow_image_processor_class=NVCImageProcessor, exist_ok=True)
+
+# `save_pretrained` copies the configuration, modeling and processor files (and their flat sibling imports) into
+# the output folder and writes `auto_map`, so the folder loads with `trust_remote_code=True` without this package.
+NVCVisionConfig.register_for_auto_class()
+NVCVisionModel.register_for_auto_class("AutoModel")
+NVCForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+NVCImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "NVCBottleneck",
+    "NVCConfig",
+    "NVCForImageClassification",
+    "NVCImageProcessor",
+    "NVCVisionConfig",
+    "NVCVisionModel",
+    "NVCVisionPreTrainedModel",
+    "NebulaOutput",
+]
