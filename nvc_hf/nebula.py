@@ -508,7 +508,8 @@ class NVCBottleneck(nn.Module):
             return self.anchor_statistics(counts)
 
         if batch_size > 0:
-            if bool((self.anchor_usage == 0).all()):
+            if self.anchor_usage.sum() == 0:
+                # First step after initialisation: start at an even share, so no anchor counts as dead at once.
                 self.anchor_usage.fill_(batch_size / self.num_anchors)
             self.anchor_usage.mul_(USAGE_EMA_DECAY).add_((1 - USAGE_EMA_DECAY) * counts)
             self._reseed_dead_anchors(optimizer, batch_size)

@@ -206,6 +206,22 @@ def update_anchors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return bottleneck.update_anchors(optimizer) if bottleneck is not None else {}
 
 
+@torch.no_grad()
+def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[float]:
+    """Gather one checksum of every process's weights and buffers (anchors included) and raise if they differ.
+
+    Processes that drift apart (for example through an anchor reseeded on one rank only) would otherwise go
+    unnoticed until the saved model, taken from rank 0, fails to match what the other ranks trained.
+    """
+    state = accelerator.unwrap_model(model).state_dict()
+    checksum = sum(float(tensor.double().sum()) + float(tensor.double().abs().sum()) for tensor in state.values())
+    gathered = accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=accelerator.device))
+    checksums = gathered.cpu().tolist()
+    if any(value != checksums[0] for value in checksums):
+        raise RuntimeError(f"The processes hold different weights after training (checksums {checksums}).")
+    return checksums
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch: int, save_total_limit: int) -> None:
     """Write a resumable checkpoint `checkpoint-<step>` atomically: first into a temporary folder, then a rename.
 

@@ -36,6 +36,7 @@ from loop import (  # noqa: E402
     find_bottleneck,
     mean_loss_terms,
     parse_arguments,
+    replica_checksums,
     resume_from_checkpoint,
     save_checkpoint,
     total_training_steps,
@@ -109,6 +110,8 @@ def score(predictions: dict[str, np.ndarray], num_anchors: int | None, seed: int
     if num_anchors is not None:
         anchor = cluster_metrics(predictions["assignments"], predictions["labels"], num_clusters=num_anchors)
         results.update({f"anchor_{key}": value for key, value in anchor.items()})
+        shares = np.bincount(predictions["assignments"], minlength=num_anchors) / len(predictions["assignments"])
+        results["anchors_in_use"] = int((shares >= 0.01).sum())
     num_clusters = num_anchors or 10
     kmeans = KMeans(n_clusters=num_clusters, n_init=3, random_state=seed).fit(predictions["means"])
     clustered = cluster_metrics(kmeans.labels_, predictions["labels"], num_clusters=num_clusters)
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
             "global_step": global_step,
             "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
             "num_processes": accelerator.num_processes,
+            "replica_checksums": replica_checksums(accelerator, model),
             **{f"final_{key}": value for key, value in anchor_statistics.items()},
         }
     )

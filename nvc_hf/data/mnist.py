@@ -46,7 +46,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path} holds {len(content)} bytes but its header declares shape {shape} ({expected} bytes); "
             "the file is truncated or corrupt."
         )
-    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+    # A copy, so callers get a writable array rather than a view of the read-only bytes.
+    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape).copy()
 
 
 def _find(folder: Path, stem: str) -> Path:
