@@ -68,8 +68,8 @@ class HeadCard:
     """
     Description, metrics, pipeline example and limitations of one NVC head, as its model card states them.
 
-    `pipeline_task` and `pipeline_input` give the load snippets a `pipeline(...)` call; leave them `None` for a head
-    that no transformers pipeline serves (transformers 5.25 has no translation pipeline, for example).
+    `pipeline_task` and `pipeline_input` add a `pipeline(...)` call to the load snippets. Leave them `None` for a
+    head that no transformers pipeline serves, such as translation, which transformers 5.25 has no pipeline for.
     """
 
     description: str
