@@ -17,4 +17,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet $TORCH_SPEC
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev,translation]"
+
+# The Hub tests serve models through olah, a Hub-compatible server. olah 0.5.4 pins an older psutil than the
+# project's other dependencies, so it gets a virtual environment of its own.
+if [ ! -x .venv-olah/bin/olah-cli ]; then
+    "$PYTHON" -m venv .venv-olah
+    .venv-olah/bin/python -m pip install --quiet olah==0.5.4
+fi
 .venv/bin/python -c "import torch, transformers, nvc_hf; print(f'nvc_hf {nvc_hf.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"

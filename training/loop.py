@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from transformers import HfArgumentParser, get_scheduler
 
 from nvc_hf.nebula import NVCBottleneck
@@ -154,6 +154,9 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         # A seedable sampler makes the shuffled order a function of the seed and epoch, so a resumed run sees the
         # same batches as an uninterrupted one.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The anchors receive no gradient during the warm-up, and label-free runs leave the classifier unused, so
+        # DDP must not expect a gradient for every parameter.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
     return accelerator
