@@ -490,7 +490,7 @@ class NVCBottleneck(nn.Module):
         and their optimizer moments are zeroed.
 
         With `torch.distributed` initialised, counts are summed across processes and rank 0's choices are
-        broadcast, so every process holds the same anchors. Returns anchor statistics for logging (empty for a
+        broadcast, so every process ends up with the same anchors. Returns anchor statistics for logging (empty for a
         bottleneck without anchors).
         """
         if not self.has_anchors:

@@ -151,7 +151,7 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
         ),
-        # A seedable sampler makes the shuffled order a function of the seed and epoch, so a resumed run sees the
+        # A seedable sampler makes the shuffled order a function of the seed and epoch, so a resumed run gets the
         # same batches as an uninterrupted one.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # The anchors receive no gradient during the warm-up, and label-free runs leave the classifier unused, so

@@ -81,9 +81,11 @@ class ImageArguments:
     dropout: float = field(default=0.1, metadata={"help": "Dropout of encoder and classifier."})
 
 
-def make_dataloader(pixel_values, labels, batch_size: int, shuffle: bool) -> DataLoader:
+def make_dataloader(pixel_values, labels, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     dataset = TensorDataset(torch.as_tensor(pixel_values), torch.as_tensor(labels, dtype=torch.long))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+    # A generator of its own keeps the loader from drawing on the global RNG when an epoch starts, so a run
+    # resumed mid-epoch samples the same latent noise and dropout masks as an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -136,9 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
         max_train_samples=image_args.max_train_samples,
         max_eval_samples=image_args.max_eval_samples,
     )
-    train_dataloader = make_dataloader(*splits["train"], training_args.per_device_train_batch_size, shuffle=True)
-    eval_dataloader = make_dataloader(*splits["validation"], training_args.per_device_eval_batch_size, shuffle=False)
-    test_dataloader = make_dataloader(*splits["test"], training_args.per_device_eval_batch_size, shuffle=False)
+    train_batch, eval_batch, seed = (
+        training_args.per_device_train_batch_size,
+        training_args.per_device_eval_batch_size,
+        training_args.seed,
+    )
+    train_dataloader = make_dataloader(*splits["train"], train_batch, shuffle=True, seed=seed)
+    eval_dataloader = make_dataloader(*splits["validation"], eval_batch, shuffle=False, seed=seed)
+    test_dataloader = make_dataloader(*splits["test"], eval_batch, shuffle=False, seed=seed)
 
     # Model: the step count is known before `prepare`, because the anchor warm-up is a fraction of it. The
     # dataloader is sharded by `prepare`, so the per-process batch count is divided by the process count.

@@ -43,7 +43,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     expected = header_size + int(np.prod(shape))
     if len(content) != expected:
         raise ValueError(
-            f"{path} holds {len(content)} bytes but its header declares shape {shape} ({expected} bytes); "
+            f"{path} has {len(content)} bytes but its header declares shape {shape} ({expected} bytes); "
             "the file is truncated or corrupt."
         )
     # A copy, so callers get a writable array rather than a view of the read-only bytes.

@@ -1,0 +1,96 @@
+"""Numerical safety of the bottleneck and the imports of the files exported as Hub remote code."""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvc_hf import NVCBottleneck, NVCForImageClassification, NVCVisionConfig
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nvc_hf"
+REMOTE_CODE_FILES = sorted(
+    [*PACKAGE.glob("configuration_*.py"), *PACKAGE.glob("modeling_*.py"), *PACKAGE.glob("image_processing_*.py")]
+    + [PACKAGE / "nebula.py"]
+)
+NETWORK_MODULES = {"socket", "urllib", "http", "requests", "httpx", "ftplib", "smtplib", "subprocess"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("path", REMOTE_CODE_FILES, ids=[path.name for path in REMOTE_CODE_FILES])
+def test_remote_code_imports_only_allowed_modules(path):
+    # These files run on users' machines through trust_remote_code: torch, transformers, the standard library and
+    # numpy (which transformers itself needs) only, and nothing that opens a connection or a process.
+    allowed = {"torch", "transformers", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    roots = imported_roots(path)
+    assert roots <= allowed, roots - allowed
+    assert not roots & NETWORK_MODULES, roots & NETWORK_MODULES
+
+
+@pytest.mark.parametrize("path", REMOTE_CODE_FILES, ids=[path.name for path in REMOTE_CODE_FILES])
+def test_remote_code_uses_flat_sibling_imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            assert node.level == 1 and "." not in (node.module or ""), (
+                f"{path.name}: from {'.' * node.level}{node.module}"
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_losses_and_gradients_finite(dtype):
+    torch.manual_seed(0)
+    model = NVCForImageClassification(
+        NVCVisionConfig(conv_channels=[4, 8], hidden_size=16, latent_size=8, num_anchors=5)
+    )
+    model.bottleneck.anchors_initialized.fill_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        output = model(pixel_values=torch.rand(16, 1, 28, 28), labels=torch.randint(0, 10, (16,)))
+    output.loss.backward()
+    for name in ("loss", "kl_loss", "nebula_loss", "metric_loss", "reconstruction_loss", "classification_loss"):
+        assert torch.isfinite(getattr(output, name)), name
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_single_anchor_batch_losses_finite():
+    # All latents on one anchor: the metric loss has no negatives and is zero; nothing is NaN.
+    bottleneck = NVCBottleneck(input_size=4, latent_size=2, num_anchors=3)
+    with torch.no_grad():
+        bottleneck.anchors.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [-50.0, 50.0]]))
+        bottleneck.anchors_initialized.fill_(True)
+    output = bottleneck(torch.randn(32, 4) * 0.01)
+    output.loss.backward()
+    assert (output.assignments == 0).all()
+    assert output.metric_loss.item() == 0.0
+    assert torch.isfinite(output.loss)
+    assert torch.isfinite(bottleneck.anchors.grad).all()
+
+
+def test_far_anchors_clamp_nebula_is_zero():
+    bottleneck = NVCBottleneck(input_size=4, latent_size=2, num_anchors=2, nebula_distance="clamp", nebula_radius=1.0)
+    with torch.no_grad():
+        bottleneck.anchors.copy_(torch.tensor([[0.0, 0.0], [100.0, 0.0]]))
+        bottleneck.anchors_initialized.fill_(True)
+    output = bottleneck(torch.randn(8, 4))
+    assert output.nebula_loss.item() == 0.0
+
+
+def test_all_padding_sequence_is_finite():
+    bottleneck = NVCBottleneck(input_size=4, latent_size=2, num_anchors=3)
+    bottleneck.anchors_initialized.fill_(True)
+    output = bottleneck(torch.randn(2, 3, 4), attention_mask=torch.zeros(2, 3))
+    assert (output.assignments == -1).all()
+    for name in ("loss", "kl_loss", "nebula_loss", "metric_loss"):
+        assert getattr(output, name).item() == 0.0, name
