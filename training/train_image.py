@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_seconds = []
     model.train()
     for epoch in range(start_epoch, num_epochs):
+        if global_step >= num_training_steps:
+            break  # resumed from the final checkpoint
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         completed_in_epoch = global_step - epoch * steps_per_epoch
