@@ -182,3 +182,15 @@ def test_datasets_folder_with_wrong_column(tmp_path, mnist_test_digits):
         train_image.main(
             ["--output_dir", str(tmp_path / "m"), "--dataset", str(tmp_path / "digits"), "--label_column", "digit"]
         )
+
+
+def test_random_shift_moves_pixels_within_range():
+    torch.manual_seed(0)
+    images = torch.zeros(64, 1, 28, 28)
+    images[:, :, 10, 10] = 1.0
+    shifted = train_image.shift_randomly(images, 2)
+    assert shifted.shape == images.shape
+    positions = torch.stack([(image[0] == 1).nonzero()[0] for image in shifted])
+    assert (positions - 10).abs().max() <= 2
+    assert len({tuple(position.tolist()) for position in positions}) > 5
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))

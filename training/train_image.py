@@ -76,6 +76,9 @@ class ImageArguments:
     reconstruction_weight: float | None = field(
         default=None, metadata={"help": "Weight of the reconstruction loss; default 0.01 with labels, 1.0 label-free."}
     )
+    random_shift: int = field(
+        default=0, metadata={"help": "Augmentation: shift training images by up to N pixels in each direction."}
+    )
     conv_channels: str = field(default="32,64", metadata={"help": "Channels of the two convolutional stages."})
     hidden_size: int = field(default=256, metadata={"help": "Encoder feature size."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout of encoder and classifier."})
@@ -86,6 +89,17 @@ def make_dataloader(pixel_values, labels, batch_size: int, shuffle: bool, seed: 
     # A generator of its own keeps the loader from drawing on the global RNG when an epoch starts, so a run
     # resumed mid-epoch samples the same latent noise and dropout masks as an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def shift_randomly(pixel_values: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image of `(batch, channels, height, width)` by up to `max_shift` pixels, filling with zeros."""
+    padded = torch.nn.functional.pad(pixel_values, (max_shift,) * 4)
+    height, width = pixel_values.shape[-2:]
+    offsets = torch.randint(0, 2 * max_shift + 1, (pixel_values.shape[0], 2))
+    shifted = [
+        image[:, top : top + height, left : left + width] for image, (top, left) in zip(padded, offsets.tolist())
+    ]
+    return torch.stack(shifted)
 
 
 @torch.no_grad()
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         for pixel_values, labels in batches:
             step_started = time.perf_counter()
+            if image_args.random_shift > 0:
+                pixel_values = shift_randomly(pixel_values, image_args.random_shift)
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=pixel_values, labels=None if image_args.label_free else labels)
                 if not torch.isfinite(outputs.loss):
