@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-from .nebula import BOTTLENECK_TYPES, KL_PRIORS, MASS_REDUCTIONS, METRIC_LOSSES, NEBULA_DISTANCES
+from .nebula import (
+    BOTTLENECK_TYPES,
+    KL_PRIORS,
+    MASS_REDUCTIONS,
+    METRIC_LOSSES,
+    NEBULA_DISTANCES,
+    check_choice,
+    check_non_negative_float,
+    check_positive_int,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -30,27 +37,6 @@ NVC_FIELDS = (
     "anchor_warmup_steps",
     "metric_max_samples",
 )
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> None:
-    """Raise `ValueError` unless `value` is an integer (not a bool) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def check_non_negative_float(name: str, value, strictly_positive: bool = False) -> None:
-    """Raise `ValueError` unless `value` is a finite real number, >= 0 (or > 0 with `strictly_positive`)."""
-    bound = "> 0" if strictly_positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-    if value < 0 or (strictly_positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-
-
-def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    """Raise `ValueError` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
 
 
 class NVCConfig(PreTrainedConfig):

@@ -15,6 +15,7 @@ This file is part of the Hub remote code: it imports only torch, transformers an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,27 @@ KMEANS_SAMPLE_SIZE = 2048
 KMEANS_ITERATIONS = 10
 # `nebula_radius="auto"` sets the radius to this fraction of the median pairwise anchor distance.
 AUTO_RADIUS_FRACTION = 0.05
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    """Raise `ValueError` unless `value` is an integer (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_non_negative_float(name: str, value, strictly_positive: bool = False) -> None:
+    """Raise `ValueError` unless `value` is a finite real number, >= 0 (or > 0 with `strictly_positive`)."""
+    bound = "> 0" if strictly_positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    if value < 0 or (strictly_positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """Raise `ValueError` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
 
 
 @dataclass
@@ -295,6 +317,16 @@ class NVCBottleneck(nn.Module):
         metric_max_samples: int = 1024,
     ):
         super().__init__()
+        check_choice("bottleneck_type", bottleneck_type, BOTTLENECK_TYPES)
+        check_positive_int("input_size", input_size)
+        check_positive_int("latent_size", latent_size)
+        check_positive_int("num_anchors", num_anchors, minimum=2)
+        check_choice("kl_prior", kl_prior, KL_PRIORS)
+        check_choice("metric_loss", metric_loss, METRIC_LOSSES)
+        check_choice("nebula_distance", nebula_distance, NEBULA_DISTANCES)
+        check_choice("mass_reduction", mass_reduction, MASS_REDUCTIONS)
+        if nebula_radius != "auto":
+            check_non_negative_float("nebula_radius (or the string 'auto')", nebula_radius, strictly_positive=True)
         self.bottleneck_type = bottleneck_type
         self.latent_size = latent_size
         self.num_anchors = num_anchors

@@ -228,3 +228,18 @@ def test_dead_anchor_is_reseeded_onto_a_latent():
     moved_to = bottleneck.anchors[2].detach()
     assert squared_distances(moved_to[None], output.mean.detach()).min().item() < 1e-3
     assert (optimizer.state[bottleneck.anchors]["exp_avg"][2] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"num_anchors": 1}, "num_anchors must be an integer >= 2, got 1"),
+        ({"latent_size": 0}, "latent_size must be an integer >= 1, got 0"),
+        ({"kl_prior": "laplace"}, "kl_prior='laplace' is not supported"),
+        ({"bottleneck_type": "vq"}, "bottleneck_type='vq' is not supported"),
+        ({"nebula_radius": -1.0}, "nebula_radius"),
+    ],
+)
+def test_bottleneck_rejects_invalid_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        NVCBottleneck(input_size=4, **arguments)
