@@ -26,7 +26,7 @@ SMALL_RUN = [
 
 def test_label_free_epoch_uses_half_the_anchors(tmp_path):
     # Without the warm-up and k-means initialisation, label-free NVC collapses onto one or two anchors in the
-    # first epoch; this run is one full epoch over the real MNIST training set.
+    # first epoch. This run is one full epoch over the real MNIST training set.
     results = train_image.main(
         [
             "--output_dir", str(tmp_path),

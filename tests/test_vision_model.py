@@ -164,7 +164,8 @@ def test_samples_around_anchors_are_images():
     model = NVCForImageClassification(tiny_config()).eval()
     images = model.sample_around_anchors(5, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 5, 1, 28, 28)
-    assert images.min() >= 0 and images.max() <= 1
+    assert images.min() >= 0
+    assert images.max() <= 1
 
 
 def test_vision_model_outputs(mnist_test_digits):
