@@ -101,7 +101,9 @@ def chamfer_distance(
     # then recomputed for the matched pairs only. The value and gradient equal those of a min over the matrix,
     # but the backward pass touches (batch, m + n) pairs instead of the whole matrix.
     with torch.no_grad():
-        squared = torch.cdist(predicted, target).pow(2)
+        # |p|^2 + |t|^2 - 2 p.t with one batched matmul, faster on CPU than torch.cdist followed by squaring.
+        squared = torch.baddbmm(target.pow(2).sum(-1).unsqueeze(1), predicted, target.transpose(1, 2), alpha=-2)
+        squared += predicted.pow(2).sum(-1).unsqueeze(2)
         # Columns of padded target points get an index too, but their distances are dropped below.
         nearest_in_prediction = squared.argmin(dim=1)
         if valid is not None:
