@@ -50,21 +50,21 @@ def run_training(output_dir: Path, *extra: str) -> dict:
 def trained_folder(tmp_path_factory) -> Path:
     """Train an NVC classifier with a decoder for 120 steps (about 11 epochs) on the 360 training clouds of the subset.
 
-    Each training step uses 256 random points per cloud, and the evaluation uses all 1,024.
+    Each training step uses 128 random points per cloud, and the evaluation uses all 1,024.
     """
     output_dir = tmp_path_factory.mktemp("modelnet-nvc")
     run_training(
-        output_dir, "--max_steps", "120", "--save_steps", "0", "--max_eval_samples", "100", "--num_train_points", "256"
+        output_dir, "--max_steps", "120", "--save_steps", "0", "--max_eval_samples", "100", "--num_train_points", "128"
     )
     return output_dir
 
 
 def test_training_learns_real_classes(trained_folder):
     results = json.loads((trained_folder / "results.json").read_text())["test"]
-    # 10 classes in a random sample of 100 test clouds: chance is about 0.1. This short run reaches about 0.3; the
-    # full benchmark in docs/BENCHMARKS.md reaches over 0.9.
-    assert results["accuracy"] > 0.22
-    assert results["mean_class_accuracy"] > 0.22
+    # 10 classes in a random sample of 100 test clouds: chance is about 0.1. This short run reached 0.54 once on
+    # the development machine; the full benchmark in docs/BENCHMARKS.md reaches 0.91.
+    assert results["accuracy"] > 0.35
+    assert results["mean_class_accuracy"] > 0.35
     assert results["anchor_nmi"] > 0.1
     # A decoder that outputs a fixed cloud scores about 0.1 on unit-sphere clouds.
     assert 0 < results["reconstruction_chamfer"] < 0.1
@@ -129,6 +129,17 @@ def test_completion_run_reports_chamfer(tmp_path):
     results = run_training(tmp_path, *QUICK_RUN, "--max_steps", "6", "--completion", "true")
     assert results["completion_chamfer"] > 0
     assert json.loads((tmp_path / "training_args.json").read_text())["points"]["completion"] is True
+
+
+def test_card_shows_baseline_column(tmp_path):
+    baseline = tmp_path / "baseline-results.json"
+    baseline.write_text(json.dumps({"test": {"accuracy": 0.8765, "mean_class_accuracy": 0.8642}}))
+    output_dir = tmp_path / "nvc"
+    run_training(output_dir, *QUICK_RUN, "--max_steps", "2", "--baseline_results", str(baseline))
+    card = (output_dir / "README.md").read_text()
+    assert "| this model | without NVC |" in card
+    overall = next(line for line in card.splitlines() if line.startswith("| Overall accuracy |"))
+    assert overall.rstrip().endswith("| 0.8765 |")
 
 
 def test_completion_requires_decoder(tmp_path):

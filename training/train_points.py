@@ -100,6 +100,10 @@ class PointArguments:
     point_mlp_sizes: str = field(default="64,128,256", metadata={"help": "Sizes of the shared per-point layers."})
     hidden_size: int = field(default=256, metadata={"help": "Cloud feature size."})
     dropout: float = field(default=0.2, metadata={"help": "Dropout of encoder and classifier."})
+    baseline_results: str | None = field(
+        default=None,
+        metadata={"help": "results.json of a run with --bottleneck_type none, shown beside this run in the card."},
+    )
 
     def __post_init__(self):
         if not 0 < self.num_train_points <= self.num_points:
@@ -114,6 +118,8 @@ class PointArguments:
             raise ValueError("--crop_ratio_min and --crop_ratio_max must satisfy 0 <= min <= max < 1.")
         if not 0 < self.eval_crop_ratio < 1:
             raise ValueError(f"--eval_crop_ratio must be in (0, 1), got {self.eval_crop_ratio}.")
+        if self.baseline_results is not None and not Path(self.baseline_results).is_file():
+            raise FileNotFoundError(f"--baseline_results {self.baseline_results} not found; pass a results.json file.")
 
 
 def make_dataloader(clouds, labels, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -374,6 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
             anchors=anchors,
             title=f"ModelNet test latents (PCA), bottleneck_type={config.bottleneck_type}",
         )
+        baseline_results = None
+        if point_args.baseline_results is not None:
+            baseline_results = json.loads(Path(point_args.baseline_results).read_text())["test"]
         arguments = {"points": asdict(point_args), "nvc": asdict(nvc_args), "training": asdict(training_args)}
         (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
         (output_dir / "results.json").write_text(json.dumps({"test": results, "validation": history}, indent=2))
@@ -385,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             training_arguments=arguments,
             label_free=point_args.label_free,
             completion=point_args.completion,
+            baseline_results=baseline_results,
         )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")
