@@ -142,6 +142,19 @@ def test_card_shows_baseline_column(tmp_path):
     assert overall.rstrip().endswith("| 0.8765 |")
 
 
+def test_label_free_run_trains_without_labels(tmp_path):
+    results = run_training(
+        tmp_path, *QUICK_RUN, "--max_steps", "4", "--label_free", "true", "--anchor_warmup_ratio", "0"
+    )
+    assert results["reconstruction_chamfer"] > 0
+    assert "anchor_nmi" in results
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["kl_weight"] == 1.0
+    card = (tmp_path / "README.md").read_text()
+    assert "label-free" in card
+    assert "| Overall accuracy |" not in card
+
+
 def test_completion_requires_decoder(tmp_path):
     with pytest.raises(ValueError, match="--reconstruction_weight above 0"):
         run_training(tmp_path, *QUICK_RUN, "--max_steps", "2", "--completion", "true", "--reconstruction_weight", "0")
