@@ -124,8 +124,8 @@ class PointArguments:
 
 def make_dataloader(clouds, labels, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     dataset = TensorDataset(torch.as_tensor(clouds), torch.as_tensor(labels, dtype=torch.long))
-    # Creating an iterator draws a base seed; with its own generator the draw leaves the global random stream
-    # (augmentation, dropout, latent sampling) alone, so a resumed run continues that stream exactly.
+    # Creating an iterator draws a base seed. With its own generator, that draw leaves the global random stream
+    # (augmentation, dropout, latent sampling) alone, so a resumed run continues the stream exactly.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
@@ -160,7 +160,7 @@ def chunked_chamfer_distance(predicted: torch.Tensor, target: torch.Tensor, chun
 def predict(model, dataloader, accelerator, eval_crop_ratio: float) -> dict[str, np.ndarray]:
     """Run the model over whole and cropped clouds; gather predictions, labels, means, assignments and Chamfer.
 
-    The crops come from a generator seeded with `EVAL_CROP_SEED`, so every evaluation sees the same partial clouds.
+    The crops come from a generator seeded with `EVAL_CROP_SEED`, so every evaluation scores the same partial clouds.
     """
     model.eval()
     generator = torch.Generator(device=accelerator.device).manual_seed(EVAL_CROP_SEED + accelerator.process_index)
