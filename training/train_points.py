@@ -160,7 +160,7 @@ def chunked_chamfer_distance(predicted: torch.Tensor, target: torch.Tensor, chun
 def predict(model, dataloader, accelerator, eval_crop_ratio: float) -> dict[str, np.ndarray]:
     """Run the model over whole and cropped clouds; gather predictions, labels, means, assignments and Chamfer.
 
-    The crops come from a generator seeded with `EVAL_CROP_SEED`, so every evaluation scores the same partial clouds.
+    The crops come from a generator seeded with `EVAL_CROP_SEED`, so every evaluation with the same number of processes scores the same partial clouds.
     """
     model.eval()
     generator = torch.Generator(device=accelerator.device).manual_seed(EVAL_CROP_SEED + accelerator.process_index)
