@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_nvc import NVCConfig
+from .configuration_nvc_point import NVCPointConfig
 from .configuration_nvc_vision import NVCVisionConfig
 from .image_processing_nvc import NVCImageProcessor
+from .modeling_nvc_point import NVCForPointCloudClassification, NVCPointModel, NVCPointPreTrainedModel
 from .modeling_nvc_vision import NVCForImageClassification, NVCVisionModel, NVCVisionPreTrainedModel
 from .nebula import NebulaOutput, NVCBottleneck
 
@@ -23,11 +25,23 @@ NVCVisionModel.register_for_auto_class("AutoModel")
 NVCForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 NVCImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+# transformers has no Auto class for point-cloud classification. `AutoModel` loads `NVCPointModel` from the package;
+# a saved classification head maps `AutoModel` to itself in `auto_map`, so `trust_remote_code=True` loads the head.
+AutoConfig.register(NVCPointConfig.model_type, NVCPointConfig, exist_ok=True)
+AutoModel.register(NVCPointConfig, NVCPointModel, exist_ok=True)
+NVCPointConfig.register_for_auto_class()
+NVCPointModel.register_for_auto_class("AutoModel")
+NVCForPointCloudClassification.register_for_auto_class("AutoModel")
+
 __all__ = [
     "NVCBottleneck",
     "NVCConfig",
     "NVCForImageClassification",
+    "NVCForPointCloudClassification",
     "NVCImageProcessor",
+    "NVCPointConfig",
+    "NVCPointModel",
+    "NVCPointPreTrainedModel",
     "NVCVisionConfig",
     "NVCVisionModel",
     "NVCVisionPreTrainedModel",
