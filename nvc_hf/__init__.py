@@ -1,12 +1,21 @@
 """Nebula Variational Coding (NVC) for the Hugging Face ecosystem."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
+)
 
 from .configuration_nvc import NVCConfig
+from .configuration_nvc_text import NVCTextConfig
 from .configuration_nvc_vision import NVCVisionConfig
 from .image_processing_nvc import NVCImageProcessor
+from .modeling_nvc_text import NVCForConditionalGeneration, NVCTextModel, NVCTextPreTrainedModel
 from .modeling_nvc_vision import NVCForImageClassification, NVCVisionModel, NVCVisionPreTrainedModel
 from .nebula import NebulaOutput, NVCBottleneck
+from .trainer_callback import NVCAnchorCallback
 
 
 __version__ = "0.1.0"
@@ -15,6 +24,9 @@ AutoConfig.register(NVCVisionConfig.model_type, NVCVisionConfig, exist_ok=True)
 AutoModel.register(NVCVisionConfig, NVCVisionModel, exist_ok=True)
 AutoModelForImageClassification.register(NVCVisionConfig, NVCForImageClassification, exist_ok=True)
 AutoImageProcessor.register(NVCVisionConfig, slow_image_processor_class=NVCImageProcessor, exist_ok=True)
+AutoConfig.register(NVCTextConfig.model_type, NVCTextConfig, exist_ok=True)
+AutoModel.register(NVCTextConfig, NVCTextModel, exist_ok=True)
+AutoModelForSeq2SeqLM.register(NVCTextConfig, NVCForConditionalGeneration, exist_ok=True)
 
 # `save_pretrained` copies the configuration, modeling and processor files (and their flat sibling imports) into
 # the output folder and writes `auto_map`, so the folder loads with `trust_remote_code=True` without this package.
@@ -22,12 +34,20 @@ NVCVisionConfig.register_for_auto_class()
 NVCVisionModel.register_for_auto_class("AutoModel")
 NVCForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 NVCImageProcessor.register_for_auto_class("AutoImageProcessor")
+NVCTextConfig.register_for_auto_class()
+NVCTextModel.register_for_auto_class("AutoModel")
+NVCForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 __all__ = [
+    "NVCAnchorCallback",
     "NVCBottleneck",
     "NVCConfig",
+    "NVCForConditionalGeneration",
     "NVCForImageClassification",
     "NVCImageProcessor",
+    "NVCTextConfig",
+    "NVCTextModel",
+    "NVCTextPreTrainedModel",
     "NVCVisionConfig",
     "NVCVisionModel",
     "NVCVisionPreTrainedModel",
