@@ -7,6 +7,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSeq2SeqLM,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_nvc import NVCConfig
 from .configuration_nvc_text import NVCTextConfig
@@ -15,6 +16,7 @@ from .image_processing_nvc import NVCImageProcessor
 from .modeling_nvc_text import NVCForConditionalGeneration, NVCTextModel, NVCTextPreTrainedModel
 from .modeling_nvc_vision import NVCForImageClassification, NVCVisionModel, NVCVisionPreTrainedModel
 from .nebula import NebulaOutput, NVCBottleneck
+from .pipeline_nvc_text import NVCTranslationPipeline
 from .trainer_callback import NVCAnchorCallback
 
 
@@ -37,6 +39,12 @@ NVCImageProcessor.register_for_auto_class("AutoImageProcessor")
 NVCTextConfig.register_for_auto_class()
 NVCTextModel.register_for_auto_class("AutoModel")
 NVCForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+# transformers 5.x has no "translation" task of its own. Registered here, the pipeline's `save_pretrained` copies
+# pipeline_nvc_text.py and lists it under `custom_pipelines`, so `pipeline("translation", model=folder,
+# trust_remote_code=True)` builds it.
+PIPELINE_REGISTRY.register_pipeline(
+    "translation", pipeline_class=NVCTranslationPipeline, pt_model=AutoModelForSeq2SeqLM, type="text"
+)
 
 __all__ = [
     "NVCAnchorCallback",
@@ -48,6 +56,7 @@ __all__ = [
     "NVCTextConfig",
     "NVCTextModel",
     "NVCTextPreTrainedModel",
+    "NVCTranslationPipeline",
     "NVCVisionConfig",
     "NVCVisionModel",
     "NVCVisionPreTrainedModel",

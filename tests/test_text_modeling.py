@@ -6,7 +6,14 @@ import sys
 
 import pytest
 import torch
-from text_helpers import GERMAN_SENTENCE, multi30k_pairs, tiny_config, tiny_tokenizer, trained_text_folder
+from text_helpers import (
+    GERMAN_SENTENCE,
+    multi30k_pairs,
+    single_threaded_torch,  # noqa: F401 (autouse fixture)
+    tiny_config,
+    tiny_tokenizer,
+    trained_text_folder,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 from nvc_hf import NVCForConditionalGeneration, NVCTextConfig, NVCTextModel
@@ -195,7 +202,8 @@ def test_auto_classes(tmp_path):
 
 def test_pipeline_translates_german_sentence():
     folder = trained_text_folder()
-    translator = pipeline("translation", model=str(folder), num_beams=5)
+    assert (folder / "pipeline_nvc_text.py").exists()
+    translator = pipeline("translation", model=str(folder), trust_remote_code=True, num_beams=5)
     text = translator(GERMAN_SENTENCE)[0]["translation_text"]
 
     model, tokenizer, _ = trained_model_and_batch()
@@ -208,20 +216,18 @@ def test_pipeline_translates_german_sentence():
 
 REMOTE_CODE_SCRIPT = """
 import sys
-try:
-    import nvc_hf
-except ImportError:
-    pass
-else:
-    raise SystemExit("nvc_hf must not be importable in this check")
+# The package may be installed in this environment; blocking the import proves the folder's own code is used.
+sys.modules["nvc_hf"] = None
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 folder = sys.argv[1]
 model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-tokenizer = AutoTokenizer.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 batch = tokenizer([sys.argv[2]], return_tensors="pt")
 print(type(model).__module__)
 print(tokenizer.decode(model.generate(**batch, num_beams=5)[0], skip_special_tokens=True))
+translator = pipeline("translation", model=folder, trust_remote_code=True, dtype=torch.float32)
+print(translator(sys.argv[2], num_beams=5)[0]["translation_text"])
 """
 
 
@@ -238,7 +244,12 @@ def test_remote_code_loads_without_package(tmp_path):
     )
     script = tmp_path / "load_remote.py"
     script.write_text(REMOTE_CODE_SCRIPT)
-    environment = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    environment = {
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [sys.executable, str(script), str(folder), GERMAN_SENTENCE],
         cwd=tmp_path,
@@ -248,6 +259,7 @@ def test_remote_code_loads_without_package(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    module, translation = result.stdout.strip().splitlines()[-2:]
+    module, translation, piped = result.stdout.strip().splitlines()[-3:]
     assert module.startswith("transformers_modules")
     assert translation == expected
+    assert piped == expected

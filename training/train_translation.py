@@ -47,9 +47,10 @@ from loop import (  # noqa: E402
     update_anchors,
 )
 
-from nvc_hf import NVCForConditionalGeneration, NVCTextConfig  # noqa: E402
+from nvc_hf import NVCForConditionalGeneration, NVCTextConfig, NVCTranslationPipeline  # noqa: E402
 from nvc_hf.data.parallel_text import load_dataset_pairs, load_multi30k, read_parallel_files  # noqa: E402
 from nvc_hf.data.subword import train_joint_tokenizer  # noqa: E402
+from nvc_hf.model_card_text import write_translation_model_card  # noqa: E402
 
 
 logger = get_logger(__name__)
@@ -425,12 +426,24 @@ def main(argv: list[str] | None = None) -> dict:
     # The Hub-ready folder: weights, config, generation config, tokenizer, arguments, results and translations.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
+        # Saving through the pipeline writes the model, tokenizer, `custom_pipelines` entry and pipeline code.
+        NVCTranslationPipeline(model=unwrapped, tokenizer=tokenizer).save_pretrained(output_dir)
         arguments = {"text": asdict(text_args), "nvc": asdict(nvc_args), "training": asdict(training_args)}
         (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
         (output_dir / "results.json").write_text(json.dumps({"test": results, "validation": history}, indent=2))
         (output_dir / "test_translations.txt").write_text("\n".join(hypotheses) + "\n")
+        write_translation_model_card(
+            output_dir,
+            config=config,
+            dataset_name="Multi30k"
+            if text_args.train_files is None and "multi30k" in text_args.dataset.lower()
+            else text_args.dataset,
+            results={**results, "split": "test"},
+            training_arguments=arguments,
+            example=(splits["test"][0][0], hypotheses[0]),
+            source_lang=text_args.source_lang,
+            target_lang=text_args.target_lang,
+        )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")
     accelerator.end_training()
