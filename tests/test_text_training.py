@@ -5,7 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from text_helpers import multi30k_pairs, tiny_config, tiny_tokenizer, trained_text_folder
+from text_helpers import (
+    multi30k_pairs,
+    single_threaded_torch,  # noqa: F401 (autouse fixture)
+    tiny_config,
+    tiny_tokenizer,
+    trained_text_folder,
+)
 
 
 def test_training_script_writes_model_folder():
@@ -18,10 +24,26 @@ def test_training_script_writes_model_folder():
     assert test["num_sentences"] == 20
     assert "tok:13a" in test["bleu_signature"]
     assert test["best_step"] in {entry["step"] for entry in results["validation"]}
-    assert [entry["step"] for entry in results["validation"]] == [30, 60]
+    assert [entry["step"] for entry in results["validation"]] == [75, 150]
     assert all(entry["train_minutes"] > 0 for entry in results["validation"])
     translations = (folder / "test_translations.txt").read_text().splitlines()
     assert len(translations) == 20
+
+
+def test_model_card_reports_scores():
+    from huggingface_hub import ModelCard
+
+    folder = trained_text_folder()
+    card = ModelCard.load(folder / "README.md")
+    results = json.loads((folder / "results.json").read_text())["test"]
+    evaluations = card.data.eval_results
+    assert [entry.metric_type for entry in evaluations] == ["bleu", "chrf"]
+    assert evaluations[0].metric_value == round(results["bleu"], 2)
+    assert evaluations[0].metric_config == results["bleu_signature"]
+    assert evaluations[1].metric_config == results["chrf_signature"]
+    assert "`latent_size` | `32`" in card.text
+    assert "Ein Mann mit einem orangefarbenen Hut" in card.text
+    assert "Flickr Terms of Use" in card.text
 
 
 def test_training_script_rejects_misaligned_files(tmp_path):
@@ -75,6 +97,33 @@ def test_translate_keeps_input_order():
     batched = translate(model, tokenizer, sources, batch_size=4, num_beams=1, max_new_tokens=30)
     one_by_one = [translate(model, tokenizer, [source], num_beams=1, max_new_tokens=30)[0] for source in sources]
     assert batched == one_by_one
+
+
+def test_two_process_shares_match_one_process():
+    from evaluate_translation import merge_shares, translate_share
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = trained_text_folder()
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # 7 sentences: not a multiple of batch size (2) times processes (2).
+    sources, references = multi30k_pairs("validation", 7)
+    settings = dict(batch_size=2, num_beams=1, max_new_tokens=30)
+
+    single = merge_shares(translate_share(model, tokenizer, sources, 0, 1, **settings), len(sources))
+    shares = [translate_share(model, tokenizer, sources, rank, 2, **settings) for rank in (0, 1)]
+    assert sorted(index for index, _ in shares[0]) == [0, 2, 4, 6]
+    assert sorted(index for index, _ in shares[1]) == [1, 3, 5]
+    merged = merge_shares(shares[0] + shares[1], len(sources))
+    assert merged == single
+
+    from evaluate_translation import score_translations
+
+    assert score_translations(merged, references)["bleu"] == score_translations(single, references)["bleu"]
+    with pytest.raises(ValueError, match="expected each of 0..6 exactly once"):
+        merge_shares(shares[0] + shares[0], len(sources))
+    with pytest.raises(ValueError, match="expected each of 0..6 exactly once"):
+        merge_shares(shares[0], len(sources))
 
 
 def test_seq2seq_trainer_predict_with_generate(tmp_path):
