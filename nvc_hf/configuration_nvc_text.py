@@ -53,8 +53,10 @@ class NVCTextConfig(NVCConfig):
             Latent size; with `bottleneck_level="token"` it limits what each source position can carry, so it
             defaults to `d_model`.
         kl_weight, nebula_weight, metric_weight (`float`, *optional*, default to 0.01):
-            Weights of the NVC terms. The KL term is a sum over latent dimensions and reached tens of nats per token
-            next to a cross-entropy of about 9 nats at the start on Multi30k, so weight 1 would let it dominate.
+            Weights of the NVC terms. The KL and metric terms are sums over latent dimensions: on Multi30k, once
+            the anchors were set, the anchor KL was about 21 nats and the triplet loss about 12 per token, next to
+            a token cross-entropy of about 5.7. With weight 0.01 the NVC terms add about 0.35, so the translation
+            loss still dominates.
         metric_max_samples (`int`, *optional*, defaults to 512):
             Token latents compared by the metric loss per batch; its cost is quadratic in this number.
         pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):

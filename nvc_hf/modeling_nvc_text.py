@@ -194,7 +194,7 @@ class NVCAttention(nn.Module):
 
         query_length, key_length = queries.shape[2], keys.shape[2]
         if is_causal and query_length > 1:
-            # Query i sits at absolute position key_length - query_length + i and sees keys up to there.
+            # Query i sits at absolute position key_length - query_length + i and attends to keys up to that position.
             offset = key_length - query_length
             causal = torch.ones(query_length, key_length, dtype=torch.bool, device=queries.device).tril(offset)
             attention_mask = causal if attention_mask is None else attention_mask & causal

@@ -4,7 +4,12 @@ import gzip
 
 import datasets
 import pytest
-from text_helpers import MULTI30K_FOLDER, multi30k_pairs, tiny_tokenizer
+from text_helpers import (
+    MULTI30K_FOLDER,
+    multi30k_pairs,
+    single_threaded_torch,  # noqa: F401 (autouse fixture)
+    tiny_tokenizer,
+)
 from transformers import AutoTokenizer
 
 from nvc_hf.data.parallel_text import load_dataset_pairs, load_multi30k, read_lines, read_parallel_files

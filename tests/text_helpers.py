@@ -11,6 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+import torch
+
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 MULTI30K_FOLDER = REPOSITORY_ROOT / "data" / "multi30k"
@@ -31,6 +34,20 @@ TINY_MODEL_ARGUMENTS = [
     "--latent_size", "32",
     "--num_anchors", "8",
 ]  # fmt: skip
+# One thread: the test models are so small that a second thread mostly adds synchronisation, and on a busy
+# 2-core machine one thread ran the tiny training 4 times faster than two.
+TEST_THREADS = 1
+
+
+@pytest.fixture(autouse=True)
+def single_threaded_torch():
+    """Run each test with `TEST_THREADS` torch threads and restore the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
 GERMAN_SENTENCE = "Ein Mann mit einem orangefarbenen Hut starrt auf etwas."
 
 
@@ -54,24 +71,24 @@ def tiny_tokenizer():
 
 @functools.cache
 def trained_text_folder() -> Path:
-    """Train a tiny NVC translation model on 400 real pairs with the training script; return its folder."""
+    """Train a tiny NVC translation model on 1000 real pairs with the training script; return its folder."""
     import train_translation
 
     output_dir = Path(tempfile.mkdtemp(prefix="multi30k-tiny-"))
     train_translation.main(
         [
             "--output_dir", str(output_dir),
-            "--max_train_samples", "400",
+            "--max_train_samples", "1000",
             "--max_eval_samples", "20",
             "--max_test_samples", "20",
             "--vocab_size", "1000",
             "--max_tokens", "1024",
-            "--max_steps", "60",
-            "--eval_steps", "30",
+            "--max_steps", "150",
+            "--eval_steps", "75",
             "--learning_rate", "3e-3",
             "--lr_scheduler_type", "inverse_sqrt",
             "--save_steps", "0",
-            "--logging_steps", "30",
+            "--logging_steps", "75",
             "--disable_tqdm", "true",
             "--test_num_beams", "1",
             "--per_device_eval_batch_size", "250",

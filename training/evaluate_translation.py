@@ -81,21 +81,13 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict:
 
 
 @torch.no_grad()
-def translate(
-    model,
-    tokenizer,
-    sentences: list[str],
-    accelerator: Accelerator | None = None,
-    batch_size: int = 64,
-    **generate_kwargs,
-) -> list[str]:
-    """Translate `sentences` with `model.generate`; return detokenised translations in the input order.
+def translate_share(
+    model, tokenizer, sentences: list[str], rank: int = 0, world_size: int = 1, batch_size: int = 64, **generate_kwargs
+) -> list[tuple[int, str]]:
+    """Translate the share of process `rank` out of `world_size`: sentences `rank, rank + world_size, ...`.
 
-    With several processes, process `r` translates sentences `r, r + n, r + 2n, ...`, and the shares are gathered
-    and interleaved again, so no sentence is duplicated or dropped whatever the count.
+    Returns `(index, translation)` pairs with detokenised translations.
     """
-    rank = accelerator.process_index if accelerator is not None else 0
-    world_size = accelerator.num_processes if accelerator is not None else 1
     indices = list(range(rank, len(sentences), world_size))
     # Sorting by length keeps padding, and so wasted computation, small.
     indices.sort(key=lambda index: len(sentences[index]))
@@ -116,14 +108,44 @@ def translate(
         generated = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **generate_kwargs
         )
-        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        translated.extend(zip(chunk, texts))
+        translated.extend(zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)))
     model.train(was_training)
+    return translated
 
+
+def merge_shares(translated: list[tuple[int, str]], count: int) -> list[str]:
+    """Put `(index, translation)` pairs gathered from all processes back into input order.
+
+    Raises `ValueError` if an index is missing or repeated, so a sharding error cannot shift the scores.
+    """
+    ordered = dict(translated)
+    if len(ordered) != len(translated) or sorted(ordered) != list(range(count)):
+        raise ValueError(
+            f"Gathered {len(translated)} translations for {len(ordered)} distinct indices, expected each of "
+            f"0..{count - 1} exactly once."
+        )
+    return [ordered[index] for index in range(count)]
+
+
+def translate(
+    model,
+    tokenizer,
+    sentences: list[str],
+    accelerator: Accelerator | None = None,
+    batch_size: int = 64,
+    **generate_kwargs,
+) -> list[str]:
+    """Translate `sentences` with `model.generate`; return detokenised translations in the input order.
+
+    With several processes each translates an interleaved share (see [`translate_share`]), and the shares are
+    gathered and merged, so no sentence is duplicated or dropped whatever the count.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world_size = accelerator.num_processes if accelerator is not None else 1
+    translated = translate_share(model, tokenizer, sentences, rank, world_size, batch_size, **generate_kwargs)
     if world_size > 1:
         translated = gather_object(translated)
-    ordered = dict(translated)
-    return [ordered[index] for index in range(len(sentences))]
+    return merge_shares(translated, len(sentences))
 
 
 def load_split(args: EvaluationArguments) -> tuple[list[str], list[str], str]:
