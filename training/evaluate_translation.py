@@ -1,8 +1,8 @@
 """Translate a split with a trained model and score it with sacreBLEU (BLEU, tokenizer 13a, and chrF).
 
-Hypotheses are decoded by the tokenizer (detokenised text) and scored against the raw reference lines. Runs on one
-process or several; every process translates an interleaved share of the sentences and the shares are put back
-in order, so the score does not depend on the process count:
+Hypotheses are decoded by the tokenizer (detokenised text) and scored against the raw reference lines. The script
+runs on one process or several. Every process translates an interleaved share of the sentences, and the shares are
+put back in order, so the score does not depend on the process count:
 
     python training/evaluate_translation.py --model runs/multi30k-nvc --split test
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \

@@ -6,9 +6,9 @@ Runs unchanged on one CPU, several CPU processes or several GPUs; the launcher d
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no training/train_translation.py --output_dir runs/multi30k-nvc
 
-With only `--output_dir` it trains German-to-English on the Multi30k copy in `data/multi30k`: it trains a joint
-BPE tokenizer on the training split, builds batches of about `--max_tokens` tokens from sentences of similar
-length, evaluates validation BLEU (greedy) every `--eval_steps` steps, keeps the best weights, and scores
+With only `--output_dir` it trains German-to-English on the Multi30k copy in `data/multi30k`. It trains a joint
+BPE tokenizer on the training split and builds batches of about `--max_tokens` tokens from sentences of similar
+length. Every `--eval_steps` steps it measures validation BLEU (greedy) and keeps the best weights, which translate
 test_2016_flickr with beam search at the end.
 """
 
