@@ -13,7 +13,7 @@ class NVCTextConfig(NVCConfig):
     r"""
     Configuration of [`NVCTextModel`] and [`NVCForConditionalGeneration`]: a pre-norm Transformer encoder-decoder
     whose encoder states pass through the NVC bottleneck (fields of [`NVCConfig`]) before the decoder's
-    cross-attention. The defaults describe the Multi30k German-English model of this package (about 7.5M
+    cross-attention. The defaults describe the Multi30k German-English model of this package (7.6M
     parameters with an 8k vocabulary).
 
     Args:
