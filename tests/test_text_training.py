@@ -1,0 +1,186 @@
+"""Translation training and evaluation scripts, and Seq2SeqTrainer with predict_with_generate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from text_helpers import (
+    multi30k_pairs,
+    single_threaded_torch,  # noqa: F401 (autouse fixture)
+    tiny_config,
+    tiny_tokenizer,
+    trained_text_folder,
+)
+
+
+def test_training_script_writes_model_folder():
+    folder = trained_text_folder()
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "results.json"):
+        assert (folder / name).exists(), name
+
+    results = json.loads((folder / "results.json").read_text())
+    test = results["test"]
+    assert test["num_sentences"] == 20
+    assert "tok:13a" in test["bleu_signature"]
+    assert test["best_step"] in {entry["step"] for entry in results["validation"]}
+    assert [entry["step"] for entry in results["validation"]] == [75, 150]
+    assert all(entry["train_minutes"] > 0 for entry in results["validation"])
+    translations = (folder / "test_translations.txt").read_text().splitlines()
+    assert len(translations) == 20
+
+
+def test_model_card_reports_scores():
+    from huggingface_hub import ModelCard
+
+    folder = trained_text_folder()
+    card = ModelCard.load(folder / "README.md")
+    results = json.loads((folder / "results.json").read_text())["test"]
+    evaluations = card.data.eval_results
+    assert [entry.metric_type for entry in evaluations] == ["bleu", "chrf"]
+    assert evaluations[0].metric_value == round(results["bleu"], 2)
+    assert evaluations[0].metric_config == results["bleu_signature"]
+    assert evaluations[1].metric_config == results["chrf_signature"]
+    assert "`latent_size` | `32`" in card.text
+    assert "Ein Mann mit einem orangefarbenen Hut" in card.text
+    assert "Flickr Terms of Use" in card.text
+
+
+def test_training_script_rejects_misaligned_files(tmp_path):
+    import train_translation
+
+    sources, targets = multi30k_pairs("train", 10)
+    (tmp_path / "train.de").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "train.en").write_text("\n".join(targets[:9]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train\.de has 10 lines but .*train\.en has 9"):
+        train_translation.main(
+            [
+                "--output_dir", str(tmp_path / "out"),
+                "--train_files", f"{tmp_path / 'train.de'},{tmp_path / 'train.en'}",
+                "--validation_files", f"{tmp_path / 'train.de'},{tmp_path / 'train.de'}",
+                "--test_files", f"{tmp_path / 'train.de'},{tmp_path / 'train.de'}",
+            ]
+        )  # fmt: skip
+
+
+def test_evaluation_script_scores_split(tmp_path):
+    import evaluate_translation
+
+    output_file = tmp_path / "scores.json"
+    results = evaluate_translation.main(
+        [
+            "--model", str(trained_text_folder()),
+            "--split", "validation",
+            "--max_samples", "7",
+            "--batch_size", "3",
+            "--num_beams", "1",
+            "--output_file", str(output_file),
+        ]
+    )  # fmt: skip
+    saved = json.loads(output_file.read_text())
+    assert saved["bleu"] == results["bleu"]
+    assert len(saved["hypotheses"]) == 7
+    assert (
+        saved["bleu_signature"]
+        == "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" + saved["bleu_signature"].split("version:")[1]
+    )
+
+
+def test_translate_keeps_input_order():
+    from evaluate_translation import translate
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = trained_text_folder()
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sources, _ = multi30k_pairs("validation", 9)
+    batched = translate(model, tokenizer, sources, batch_size=4, num_beams=1, max_new_tokens=30)
+    one_by_one = [translate(model, tokenizer, [source], num_beams=1, max_new_tokens=30)[0] for source in sources]
+    assert batched == one_by_one
+
+
+def test_two_process_shares_match_one_process():
+    from evaluate_translation import merge_shares, translate_share
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = trained_text_folder()
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # 7 sentences: not a multiple of batch size (2) times processes (2).
+    sources, references = multi30k_pairs("validation", 7)
+    settings = dict(batch_size=2, num_beams=1, max_new_tokens=30)
+
+    single = merge_shares(translate_share(model, tokenizer, sources, 0, 1, **settings), len(sources))
+    shares = [translate_share(model, tokenizer, sources, rank, 2, **settings) for rank in (0, 1)]
+    assert sorted(index for index, _ in shares[0]) == [0, 2, 4, 6]
+    assert sorted(index for index, _ in shares[1]) == [1, 3, 5]
+    merged = merge_shares(shares[0] + shares[1], len(sources))
+    assert merged == single
+
+    from evaluate_translation import score_translations
+
+    assert score_translations(merged, references)["bleu"] == score_translations(single, references)["bleu"]
+    with pytest.raises(ValueError, match="expected each of 0..6 exactly once"):
+        merge_shares(shares[0] + shares[0], len(sources))
+    with pytest.raises(ValueError, match="expected each of 0..6 exactly once"):
+        merge_shares(shares[0], len(sources))
+
+
+def test_seq2seq_trainer_predict_with_generate(tmp_path):
+    import datasets
+    from evaluate_translation import score_translations
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from nvc_hf import NVCAnchorCallback, NVCForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = NVCForConditionalGeneration(tiny_config(anchor_warmup_steps=2))
+
+    def tokenize(split, count):
+        sources, targets = multi30k_pairs(split, count)
+        encoded = tokenizer(sources, text_target=targets, truncation=True, max_length=64)
+        return datasets.Dataset.from_dict(dict(encoded))
+
+    def compute_metrics(prediction):
+        predictions = np.where(prediction.predictions < 0, tokenizer.pad_token_id, prediction.predictions)
+        labels = np.where(prediction.label_ids < 0, tokenizer.pad_token_id, prediction.label_ids)
+        hypotheses = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        scores = score_translations(hypotheses, references)
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"]}
+
+    arguments = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=8,
+        max_steps=12,
+        learning_rate=3e-3,
+        predict_with_generate=True,
+        generation_max_length=24,
+        generation_num_beams=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=4,
+        disable_tqdm=True,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=tokenize("train", 192),
+        eval_dataset=tokenize("validation", 16),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[NVCAnchorCallback()],
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    metrics = trainer.evaluate()
+
+    assert metrics["eval_loss"] < before
+    assert "eval_bleu" in metrics
+    assert 0 <= metrics["eval_chrf"] <= 100
+    # The NVC anchors were initialised during training (warm-up of 2 steps).
+    assert bool(model.bottleneck.anchors_initialized)
