@@ -2,7 +2,9 @@
 # Create or reuse the virtual environment .venv, install torch first, then this package with its extras.
 #
 # torch comes first because a plain "torch" requirement resolves to a large CUDA build on Linux. Set TORCH_SPEC
-# to the build you want, for example TORCH_SPEC="torch==2.13.0+cu128 --index-url https://download.pytorch.org/whl/cu128".
+# to the build you want, for example
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+# torch is installed only when .venv has none, so remove .venv before switching builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -246,3 +246,13 @@ def test_command_hub_error(stand_in, monkeypatch, capsys):
     error = capsys.readouterr().err
     assert error.startswith("nvc-publish: The Hub at") and "(401 Unauthorized)" in error
     assert "hf_wrongtoken" not in error
+
+
+def test_validation_accepts_card_without_plot(model_folder):
+    # The translation script writes no latent plot and its card shows none; such a folder is ready to publish.
+    (model_folder / "latent_space.png").unlink()
+    readme = model_folder / "README.md"
+    lines = [line for line in readme.read_text().splitlines() if "latent_space.png" not in line]
+    readme.write_text("\n".join(lines) + "\n")
+
+    validate_model_folder(model_folder)
