@@ -531,7 +531,10 @@ class NVCBottleneck(nn.Module):
         counts, batch_size = self._collect_counts()
 
         if not bool(self.anchors_initialized):
-            if int(self.num_updates) >= self.anchor_warmup_steps and self._warmup_means:
+            # k-means needs at least one latent per anchor, so with small batches the warm-up lasts until enough
+            # means have been kept.
+            kept = sum(chunk.shape[0] for chunk in self._warmup_means)
+            if int(self.num_updates) >= self.anchor_warmup_steps and kept >= self.num_anchors:
                 self.initialize_anchors(torch.cat(self._warmup_means), optimizer)
             return self.anchor_statistics(counts)
 

@@ -243,3 +243,14 @@ def test_dead_anchor_is_reseeded_onto_a_latent():
 def test_bottleneck_rejects_invalid_arguments(arguments, message):
     with pytest.raises(ValueError, match=message):
         NVCBottleneck(input_size=4, **arguments)
+
+
+def test_initialisation_waits_for_one_latent_per_anchor():
+    torch.manual_seed(0)
+    bottleneck = NVCBottleneck(input_size=4, latent_size=2, num_anchors=20, anchor_warmup_steps=0)
+    optimizer = torch.optim.Adam(bottleneck.parameters(), lr=1e-3)
+    for step in range(3):
+        bottleneck(torch.randn(8, 4)).loss.backward()
+        optimizer.step()
+        bottleneck.update_anchors(optimizer)
+        assert bottleneck.nvc_active == (step == 2), step
