@@ -244,7 +244,8 @@ def test_command_hub_error(stand_in, monkeypatch, capsys):
 
     assert main([str(trained_image_folder()), "nvc-test/mnist-nvc"]) == EXIT_HUB_ERROR
     error = capsys.readouterr().err
-    assert error.startswith("nvc-publish: The Hub at") and "(401 Unauthorized)" in error
+    assert error.startswith("nvc-publish: The Hub at")
+    assert "(401 Unauthorized)" in error
     assert "hf_wrongtoken" not in error
 
 

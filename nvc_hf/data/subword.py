@@ -25,7 +25,7 @@ def train_joint_tokenizer(
     Args:
         texts: sentences of both languages (the training split only, so no test text shapes the vocabulary).
         vocab_size: size of the vocabulary, special tokens included.
-        model_max_length: longest input in tokens that the tokenizer reports to callers.
+        model_max_length: maximum input length in tokens that the tokenizer reports to callers.
         algorithm: `"bpe"` or `"unigram"`.
 
     Returns a `PreTrainedTokenizerFast` that appends `</s>` to every sequence (source and target) and has the
