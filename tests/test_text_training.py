@@ -184,3 +184,16 @@ def test_seq2seq_trainer_predict_with_generate(tmp_path):
     assert 0 <= metrics["eval_chrf"] <= 100
     # The NVC anchors were initialised during training (warm-up of 2 steps).
     assert bool(model.bottleneck.anchors_initialized)
+
+
+def test_script_defaults_keep_the_head_latent_size():
+    from loop import NVCArguments
+
+    from nvc_hf import NVCPointConfig, NVCTextConfig, NVCVisionConfig
+
+    kwargs = NVCArguments().config_kwargs(total_steps=100)
+    # The translation head needs a wide per-token latent; the image and point heads a small per-example one.
+    assert NVCTextConfig(**kwargs).latent_size == NVCTextConfig().latent_size == 256
+    assert NVCVisionConfig(**kwargs).latent_size == NVCVisionConfig().latent_size
+    assert NVCPointConfig(**kwargs).latent_size == NVCPointConfig().latent_size
+    assert NVCTextConfig(**NVCArguments(latent_size=64).config_kwargs(total_steps=100)).latent_size == 64

@@ -79,7 +79,9 @@ class NVCArguments:
     """Bottleneck settings; each maps onto the field of the same name in the model config."""
 
     bottleneck_type: str = field(default="nvc", metadata={"help": "nvc, vae (no anchors) or none (no NVC)."})
-    latent_size: int = field(default=32, metadata={"help": "Latent size."})
+    latent_size: int | None = field(
+        default=None, metadata={"help": "Latent size; default: the head's (32 for images and points, 256 for text)."}
+    )
     num_anchors: int = field(default=30, metadata={"help": "Number of nebula anchors."})
     kl_prior: str = field(default="anchor", metadata={"help": "KL prior: anchor (N(a_k, I)) or standard (N(0, I))."})
     metric_loss: str = field(default="triplet", metadata={"help": "Metric loss: triplet or ratio."})
