@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,18 @@ def test_report_writes_tables_and_plots(ablation_folders, tmp_path):
     assert (tmp_path / "results" / "mnist-validation.png").stat().st_size > 0
     assert (tmp_path / "results" / "mnist-latents-c.png").stat().st_size > 0
     assert "results/mnist-latents-a.png" in text
+
+
+@pytest.mark.slow
+def test_report_refuses_records_of_different_budgets(ablation_folders, tmp_path):
+    results, _ = ablation_folders
+    shutil.copytree(results, tmp_path / "results")
+    record_path = tmp_path / "results" / "mnist" / "c-seed1.json"
+    record = json.loads(record_path.read_text())
+    record["budget_arguments"] = ablate.merge_arguments(record["budget_arguments"], ["--max_steps", "8"])
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="c-seed1.json in mnist used a different budget from a-seed1.json"):
+        report.main(["--results_dir", str(tmp_path / "results"), "--output", str(tmp_path / "RESULTS.md")])
 
 
 def test_failed_run_leaves_no_record(tmp_path, capsys):

@@ -131,10 +131,22 @@ def task_section(task: str, records: list[dict], figures_dir: Path, output: Path
     metrics = [metric for metric in spec.metrics if any(metric in record["metrics"] for record in records)]
     first = records[0]
     seeds = sorted({record["seed"] for record in records})
+    different = [record["path"].name for record in records if record["budget_arguments"] != first["budget_arguments"]]
+    if different:
+        raise ValueError(
+            f"{', '.join(different)} in {task} used a different budget from {first['path'].name}; the table compares "
+            "variants at one budget, so move the records of other budgets to another --results_dir."
+        )
 
     lines = [f"## {task}", ""]
     lines.append(
         f"Command of every run: `python training/{spec.script} --output_dir RUN_DIR --seed SEED VARIANT_ARGUMENTS "
+        f"{' '.join(first['budget_arguments'])}`"
+    )
+    lines.append("")
+    lines.append(
+        f"Regenerate (skips runs whose record exists; raise `--max_steps` and the rest for a GPU): `python "
+        f"training/ablate.py --task {task} --variants {' '.join(variants)} --seeds {' '.join(map(str, seeds))} -- "
         f"{' '.join(first['budget_arguments'])}`"
     )
     lines.append("")
