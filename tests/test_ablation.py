@@ -103,6 +103,7 @@ def test_failed_run_leaves_no_record(tmp_path, capsys):
         (["--task", "mnist", "--variants", "a", "z"], "unknown variant(s) ['z']"),
         (["--task", "mnist", "--seeds", "1", "1"], "repeats a seed"),
         (["--task", "mnist", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+        (["--task", "mnist", "--threads_per_run", "0"], "--threads_per_run must be at least 1, got 0"),
         (["--task", "cifar"], "invalid choice: 'cifar'"),
         (["--task", "mnist", "--", "--kl_prior", "anchor"], "['--kl_prior'] after -- would change what the variants"),
         (["--task", "mnist", "--", "400"], "'400' comes before any --flag"),

@@ -148,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         default=1,
         help="Runs at the same time. With more than one, each run gets an equal share of the CPU threads.",
     )
+    parser.add_argument(
+        "--threads_per_run", type=int, default=None, help="torch threads of each run; default: CPU cores / --jobs."
+    )
     args = parser.parse_args(argv)
 
     unknown = [variant for variant in args.variants if variant not in VARIANTS]
@@ -155,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}.")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    if args.threads_per_run is not None and args.threads_per_run < 1:
+        parser.error(f"--threads_per_run must be at least 1, got {args.threads_per_run}.")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {args.seeds} repeats a seed; give each seed once.")
     try:
@@ -238,7 +243,7 @@ def run_one(task_name: str, variant: str, seed: int, args: argparse.Namespace, e
     training_arguments = ["--output_dir", str(run_dir), "--seed", str(seed), "--disable_tqdm", "true"]
     training_arguments += [*VARIANTS[variant][1], *budget]
     command = [sys.executable, str(TRAINING_DIR / task.script), *training_arguments]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // args.jobs)
     process_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     print(f"[{task_name}] {name}: training ({threads} threads)", flush=True)
