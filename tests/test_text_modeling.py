@@ -46,7 +46,7 @@ def test_forward_loss_terms_on_real_batch():
 
 def test_token_bottleneck_masks_padding():
     torch.manual_seed(0)
-    model = NVCTextModel(tiny_config()).eval()
+    model = NVCTextModel(tiny_config(bottleneck_level="token")).eval()
     batch = real_batch()
     decoder_input_ids = torch.ones_like(batch["labels"][:, :3])
     outputs = model(

@@ -94,7 +94,7 @@ class TranslationArguments:
     ffn_dim: int = field(default=1024, metadata={"help": "Feed-forward hidden size."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy."})
-    bottleneck_level: str = field(default="token", metadata={"help": "token or sentence."})
+    bottleneck_level: str = field(default="sentence", metadata={"help": "sentence or token (see NVCTextConfig)."})
     tie_word_embeddings: bool = field(default=True, metadata={"help": "Tie the output projection to the embedding."})
     max_train_minutes: float | None = field(
         default=None,
