@@ -55,7 +55,7 @@ class Task:
 TASKS = {
     "mnist": Task(
         script="train_image.py",
-        budget=("--max_steps", "400", "--eval_steps", "100", "--save_steps", "0", "--logging_steps", "100"),
+        budget=tuple("--max_steps 300 --eval_steps 100 --save_steps 0 --logging_steps 100".split()),
         metrics=(
             "accuracy",
             "anchor_cluster_accuracy",
@@ -69,20 +69,10 @@ TASKS = {
     ),
     "modelnet10": Task(
         script="train_points.py",
-        budget=(
-            "--max_steps",
-            "1000",
-            "--per_device_train_batch_size",
-            "32",
-            "--num_anchors",
-            "10",
-            "--eval_steps",
-            "250",
-            "--save_steps",
-            "0",
-            "--logging_steps",
-            "100",
-        ),  # fmt: skip
+        budget=tuple(
+            "--max_steps 800 --per_device_train_batch_size 32 --num_anchors 10 --eval_steps 200 --save_steps 0 "
+            "--logging_steps 100".split()
+        ),
         metrics=(
             "accuracy",
             "mean_class_accuracy",
@@ -96,34 +86,11 @@ TASKS = {
     ),
     "multi30k": Task(
         script="train_translation.py",
-        budget=(
-            "--max_steps",
-            "300",
-            "--max_tokens",
-            "4096",
-            "--mixed_precision",
-            "bf16",
-            "--learning_rate",
-            "1e-3",
-            "--lr_scheduler_type",
-            "inverse_sqrt",
-            "--warmup_ratio",
-            "0.1",
-            "--anchor_warmup_ratio",
-            "0.1",
-            "--eval_steps",
-            "100",
-            "--max_eval_samples",
-            "300",
-            "--per_device_eval_batch_size",
-            "100",
-            "--test_num_beams",
-            "5",
-            "--save_steps",
-            "0",
-            "--logging_steps",
-            "50",
-        ),  # fmt: skip
+        budget=tuple(
+            "--max_steps 300 --max_tokens 4096 --mixed_precision bf16 --learning_rate 1e-3 --lr_scheduler_type "
+            "inverse_sqrt --warmup_ratio 0.1 --anchor_warmup_ratio 0.1 --eval_steps 100 --max_eval_samples 300 "
+            "--per_device_eval_batch_size 100 --test_num_beams 5 --save_steps 0 --logging_steps 50".split()
+        ),
         metrics=("bleu", "chrf"),
         validation_metric="validation_bleu",
     ),
