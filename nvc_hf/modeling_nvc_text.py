@@ -361,7 +361,8 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch, source_length)`, *optional*):
                 1 for tokens, 0 for padding.
             return_loss (`bool`, *optional*, defaults to `False`):
-                Fill the scalar NVC loss fields; generation leaves them out (see [`NVCTextEncoderOutput`]).
+                Compute the scalar NVC loss fields. Generation leaves them out (see [`NVCTextEncoderOutput`]),
+                which also skips their computation.
         """
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -385,7 +386,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
         encoder_states = self.layer_norm(hidden_states)
 
         if self.config.bottleneck_level == "token":
-            nebula = self.bottleneck(encoder_states, attention_mask)
+            nebula = self.bottleneck(encoder_states, attention_mask, return_loss=return_loss)
             memory = self.latent_projection(nebula.latents)
         else:
             if attention_mask is None:
@@ -393,17 +394,9 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             else:
                 weights = attention_mask.to(encoder_states.dtype).unsqueeze(-1)
                 pooled = (encoder_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            nebula = self.bottleneck(pooled)
+            nebula = self.bottleneck(pooled, return_loss=return_loss)
             memory = encoder_states + self.latent_projection(nebula.latents).unsqueeze(1)
 
-        losses = {}
-        if return_loss:
-            losses = {
-                "nvc_loss": nebula.loss,
-                "kl_loss": nebula.kl_loss,
-                "nebula_loss": nebula.nebula_loss,
-                "metric_loss": nebula.metric_loss,
-            }
         return NVCTextEncoderOutput(
             last_hidden_state=memory,
             encoder_states=encoder_states,
@@ -411,7 +404,10 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             mean=nebula.mean,
             logvar=nebula.logvar,
             assignments=nebula.assignments,
-            **losses,
+            nvc_loss=nebula.loss,
+            kl_loss=nebula.kl_loss,
+            nebula_loss=nebula.nebula_loss,
+            metric_loss=nebula.metric_loss,
         )
 
 

@@ -153,6 +153,44 @@ def test_cached_decoding_feeds_one_token_per_step():
     assert lengths == [1] * 8
 
 
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_generate_runs_encoder_and_bottleneck_once(num_beams):
+    model, _, batch = trained_model_and_batch()
+    calls = []
+    hooks = [
+        model.get_encoder().register_forward_hook(lambda *args: calls.append("encoder")),
+        model.bottleneck.register_forward_hook(lambda *args: calls.append("bottleneck")),
+    ]
+    try:
+        model.generate(**batch, num_beams=num_beams, max_new_tokens=8, min_new_tokens=8)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == ["bottleneck", "encoder"]
+
+
+def test_encoder_without_loss_keeps_outputs():
+    torch.manual_seed(0)
+    model = NVCTextModel(tiny_config(anchor_warmup_steps=0)).eval()
+    model.bottleneck.initialize_anchors(torch.randn(64, 32))
+    # More unpadded tokens than metric_max_samples, so the metric loss draws a random subset.
+    batch = real_batch(60)
+    assert int(batch["attention_mask"].sum()) > model.config.metric_max_samples
+
+    state = torch.get_rng_state()
+    with_loss = model.encoder(batch["input_ids"], attention_mask=batch["attention_mask"], return_loss=True)
+    assert not torch.equal(state, torch.get_rng_state())
+    state = torch.get_rng_state()
+    without_loss = model.encoder(batch["input_ids"], attention_mask=batch["attention_mask"], return_loss=False)
+    assert torch.equal(state, torch.get_rng_state())
+
+    for name in ("last_hidden_state", "encoder_states", "latents", "mean", "logvar", "assignments"):
+        assert torch.equal(getattr(with_loss, name), getattr(without_loss, name)), name
+    assert with_loss.nvc_loss is not None
+    for name in ("nvc_loss", "kl_loss", "nebula_loss", "metric_loss"):
+        assert getattr(without_loss, name) is None, name
+
+
 def test_generate_modes_and_defaults():
     model, tokenizer, batch = trained_model_and_batch()
     assert model.generation_config.num_beams == 5
