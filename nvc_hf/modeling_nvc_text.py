@@ -568,6 +568,19 @@ class NVCForConditionalGeneration(NVCTextPreTrainedModel, GenerationMixin):
         generation_config.num_beams = 5
         generation_config.max_length = 128
 
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Reorder the decoder self-attention cache after a beam-search step.
+
+        `beam_idx` only moves rows among the beams of one source sentence. Those beams attend to the same encoder
+        memory, so their cross-attention keys and values are equal and stay in place, which saves copying them at
+        every step.
+        """
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        return cache
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

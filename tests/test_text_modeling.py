@@ -169,6 +169,20 @@ def test_generate_runs_encoder_and_bottleneck_once(num_beams):
     assert calls == ["bottleneck", "encoder"]
 
 
+def test_beam_search_matches_full_cache_reorder(monkeypatch):
+    model, _, batch = trained_model_and_batch()
+    kept_in_place = model.generate(**batch, num_beams=5, max_new_tokens=20)
+
+    def reorder_both_caches(cache, beam_idx):
+        # What transformers does for a model without `_reorder_cache`: reorder self- and cross-attention caches.
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    monkeypatch.setattr(model, "_reorder_cache", reorder_both_caches)
+    fully_reordered = model.generate(**batch, num_beams=5, max_new_tokens=20)
+    assert torch.equal(kept_in_place, fully_reordered)
+
+
 def test_encoder_without_loss_keeps_outputs():
     torch.manual_seed(0)
     model = NVCTextModel(tiny_config(anchor_warmup_steps=0)).eval()
