@@ -124,6 +124,26 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return encoding
 
 
+class NVCSinusoidalPositions(nn.Module):
+    """Sinusoidal encodings of positions `0 .. max_positions - 1`, built once per device on first use.
+
+    The table contains exactly the values `sinusoidal_positions` returns for each position, so cached and
+    uncached decoding add the same encodings. It is not saved with the weights.
+    """
+
+    def __init__(self, max_positions: int, dim: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.dim = dim
+        self._table: torch.Tensor | None = None
+
+    def forward(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Return the `(length, dim)` encodings of positions `start .. start + length - 1`."""
+        if self._table is None or self._table.device != device:
+            self._table = sinusoidal_positions(torch.arange(self.max_positions, device=device), self.dim)
+        return self._table[start : start + length]
+
+
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Build decoder inputs from `(batch, length)` labels: prepend the start token, drop the last label and
     replace the ignored label `-100` by padding."""
@@ -211,11 +231,14 @@ class NVCFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, config.ffn_dim)
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
-        self.activation = F.relu if config.activation_function == "relu" else F.gelu
+        self.use_relu = config.activation_function == "relu"
         self.dropout = config.dropout
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.activation(self.fc1(hidden_states))
+        hidden_states = self.fc1(hidden_states)
+        # Nothing else reads fc1's output, so ReLU overwrites it instead of allocating a second (tokens, ffn_dim)
+        # tensor. Autograd allows this because the backward of a linear layer does not need its output.
+        hidden_states = F.relu(hidden_states, inplace=True) if self.use_relu else F.gelu(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         return self.fc2(hidden_states)
 
@@ -335,6 +358,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.positions = NVCSinusoidalPositions(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList([NVCEncoderLayer(config) for _ in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.bottleneck = NVCBottleneck.from_config(config, input_size=config.d_model)
@@ -377,7 +401,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
                 f"{self.config.max_position_embeddings}; truncate it with the tokenizer (truncation=True)."
             )
 
-        positions = sinusoidal_positions(torch.arange(length, device=input_ids.device), self.config.d_model)
+        positions = self.positions(0, length, input_ids.device)
         hidden_states = self.embed_tokens(input_ids) * self.embed_scale + positions.to(self.embed_tokens.weight.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         mask = memory_attention_mask(attention_mask)
@@ -418,6 +442,7 @@ class NVCTextDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.positions = NVCSinusoidalPositions(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList([NVCDecoderLayer(config, index) for index in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
 
@@ -437,9 +462,7 @@ class NVCTextDecoder(nn.Module):
                 f"The target reached {past_length + length} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; lower max_new_tokens or max_length."
             )
-        positions = sinusoidal_positions(
-            torch.arange(past_length, past_length + length, device=inputs_embeds.device), self.config.d_model
-        )
+        positions = self.positions(past_length, length, inputs_embeds.device)
         hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         for layer in self.layers:
