@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
@@ -590,6 +590,19 @@ class NVCForConditionalGeneration(NVCTextPreTrainedModel, GenerationMixin):
         generation_config.forced_eos_token_id = None
         generation_config.num_beams = 5
         generation_config.max_length = 128
+
+    def _prepare_generated_length(self, generation_config: GenerationConfig, *args, **kwargs) -> GenerationConfig:
+        # The saved `max_length` only caps calls that set no length. A call's `max_new_tokens` replaces it, so the
+        # saved value counts as a default here and transformers does not warn that both lengths were set.
+        # NOTE: this overrides a private `GenerationMixin` hook (transformers 5.25); if it is renamed, only the
+        # warning returns.
+        if (
+            "has_default_max_length" in kwargs
+            and generation_config.max_new_tokens is not None
+            and generation_config.max_length == self.generation_config.max_length
+        ):
+            kwargs["has_default_max_length"] = True
+        return super()._prepare_generated_length(generation_config, *args, **kwargs)
 
     def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
         """Reorder the decoder self-attention cache after a beam-search step.

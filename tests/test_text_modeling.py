@@ -1,6 +1,7 @@
 """NVC translation model: forward pass, bottleneck placement, generation, cache, tying, save/load and Auto classes."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -203,6 +204,26 @@ def test_encoder_without_loss_keeps_outputs():
     assert with_loss.nvc_loss is not None
     for name in ("nvc_loss", "kl_loss", "nebula_loss", "metric_loss"):
         assert getattr(without_loss, name) is None, name
+
+
+def test_generate_length_options_log_no_warning():
+    model, _, batch = trained_model_and_batch()
+    assert model.generation_config.max_length == 128
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    generation_logger = logging.getLogger("transformers.generation.utils")
+    generation_logger.addHandler(handler)
+    try:
+        by_new_tokens = model.generate(**batch, num_beams=1, max_new_tokens=5, min_new_tokens=5)
+        by_max_length = model.generate(**batch, num_beams=1, max_length=4, min_length=4)
+    finally:
+        generation_logger.removeHandler(handler)
+
+    assert [record.getMessage() for record in records] == []
+    # Each sequence starts with the decoder start token.
+    assert by_new_tokens.shape[1] == 6
+    assert by_max_length.shape[1] == 4
 
 
 def test_generate_modes_and_defaults():
