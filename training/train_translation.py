@@ -41,6 +41,7 @@ from loop import (  # noqa: E402
     find_bottleneck,
     mean_loss_terms,
     parse_arguments,
+    replica_checksums,
     resume_from_checkpoint,
     save_checkpoint,
     total_training_steps,
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate_now()
 
     # Final evaluation: the weights with the best validation BLEU translate the test set with beam search.
+    checksums = replica_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
     test_started = time.perf_counter()
@@ -416,7 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
         "best_validation_bleu": best["bleu"],
         "train_minutes": train_seconds / 60,
         "global_step": global_step,
+        "steps_per_epoch": steps_per_epoch,
         "num_processes": accelerator.num_processes,
+        # Taken before the best validation weights are loaded, so it compares what every process trained.
+        "replica_checksums": checksums,
         "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
     }
     bottleneck = find_bottleneck(unwrapped)
