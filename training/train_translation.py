@@ -256,8 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         text_args.max_tokens,
         seed=training_args.seed,
     )
+    # Every new loader iterator draws a seed. A generator of its own keeps that draw off the global RNG (dropout,
+    # latent sampling), so a run resumed mid-epoch continues the same random stream as an uninterrupted run.
     train_dataloader = DataLoader(
-        train_dataset, batch_sampler=batch_sampler, collate_fn=collate_pairs(tokenizer.pad_token_id)
+        train_dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_pairs(tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(training_args.seed),
     )
 
     # Model: the step count is known before `prepare`, because the anchor warm-up is a fraction of it.
@@ -339,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.train()
     for epoch in range(start_epoch, num_epochs):
+        # In a single process the prepared loader passes its own pass count to the sampler, and that count
+        # restarts at 0 after resuming, so the loader gets the epoch too. Across processes the sampler sits inside
+        # a shard that does not forward `set_epoch`, so the sampler is also set directly.
+        train_dataloader.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
         batches = train_dataloader
         completed_in_epoch = global_step - epoch * steps_per_epoch
