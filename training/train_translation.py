@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     global_step, start_epoch = 0, 0
     if training_args.resume_from_checkpoint:
+        # NOTE: checkpoints leave out the validation history, the best weights so far and the means kept for the
+        # k-means initialisation of the anchors. A resumed run picks its best weights among its own evaluations only,
+        # and resuming during the anchor warm-up can initialise different anchors than an uninterrupted run.
         global_step, start_epoch = resume_from_checkpoint(
             accelerator, training_args.resume_from_checkpoint, output_dir
         )
