@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
@@ -124,6 +124,26 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return encoding
 
 
+class NVCSinusoidalPositions(nn.Module):
+    """Sinusoidal encodings of positions `0 .. max_positions - 1`, built once per device on first use.
+
+    The table contains exactly the values `sinusoidal_positions` returns for each position, so cached and
+    uncached decoding add the same encodings. It is not saved with the weights.
+    """
+
+    def __init__(self, max_positions: int, dim: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.dim = dim
+        self._table: torch.Tensor | None = None
+
+    def forward(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Return the `(length, dim)` encodings of positions `start .. start + length - 1`."""
+        if self._table is None or self._table.device != device:
+            self._table = sinusoidal_positions(torch.arange(self.max_positions, device=device), self.dim)
+        return self._table[start : start + length]
+
+
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Build decoder inputs from `(batch, length)` labels: prepend the start token, drop the last label and
     replace the ignored label `-100` by padding."""
@@ -211,11 +231,14 @@ class NVCFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, config.ffn_dim)
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
-        self.activation = F.relu if config.activation_function == "relu" else F.gelu
+        self.use_relu = config.activation_function == "relu"
         self.dropout = config.dropout
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.activation(self.fc1(hidden_states))
+        hidden_states = self.fc1(hidden_states)
+        # Nothing else reads fc1's output, so ReLU overwrites it instead of allocating a second (tokens, ffn_dim)
+        # tensor. Autograd allows this because the backward of a linear layer does not need its output.
+        hidden_states = F.relu(hidden_states, inplace=True) if self.use_relu else F.gelu(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         return self.fc2(hidden_states)
 
@@ -335,6 +358,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.positions = NVCSinusoidalPositions(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList([NVCEncoderLayer(config) for _ in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.bottleneck = NVCBottleneck.from_config(config, input_size=config.d_model)
@@ -361,7 +385,8 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch, source_length)`, *optional*):
                 1 for tokens, 0 for padding.
             return_loss (`bool`, *optional*, defaults to `False`):
-                Fill the scalar NVC loss fields; generation leaves them out (see [`NVCTextEncoderOutput`]).
+                Compute the scalar NVC loss fields. Generation leaves them out (see [`NVCTextEncoderOutput`]),
+                which also skips their computation.
         """
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -376,7 +401,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
                 f"{self.config.max_position_embeddings}; truncate it with the tokenizer (truncation=True)."
             )
 
-        positions = sinusoidal_positions(torch.arange(length, device=input_ids.device), self.config.d_model)
+        positions = self.positions(0, length, input_ids.device)
         hidden_states = self.embed_tokens(input_ids) * self.embed_scale + positions.to(self.embed_tokens.weight.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         mask = memory_attention_mask(attention_mask)
@@ -385,7 +410,7 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
         encoder_states = self.layer_norm(hidden_states)
 
         if self.config.bottleneck_level == "token":
-            nebula = self.bottleneck(encoder_states, attention_mask)
+            nebula = self.bottleneck(encoder_states, attention_mask, return_loss=return_loss)
             memory = self.latent_projection(nebula.latents)
         else:
             if attention_mask is None:
@@ -393,17 +418,9 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             else:
                 weights = attention_mask.to(encoder_states.dtype).unsqueeze(-1)
                 pooled = (encoder_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            nebula = self.bottleneck(pooled)
+            nebula = self.bottleneck(pooled, return_loss=return_loss)
             memory = encoder_states + self.latent_projection(nebula.latents).unsqueeze(1)
 
-        losses = {}
-        if return_loss:
-            losses = {
-                "nvc_loss": nebula.loss,
-                "kl_loss": nebula.kl_loss,
-                "nebula_loss": nebula.nebula_loss,
-                "metric_loss": nebula.metric_loss,
-            }
         return NVCTextEncoderOutput(
             last_hidden_state=memory,
             encoder_states=encoder_states,
@@ -411,7 +428,10 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
             mean=nebula.mean,
             logvar=nebula.logvar,
             assignments=nebula.assignments,
-            **losses,
+            nvc_loss=nebula.loss,
+            kl_loss=nebula.kl_loss,
+            nebula_loss=nebula.nebula_loss,
+            metric_loss=nebula.metric_loss,
         )
 
 
@@ -422,6 +442,7 @@ class NVCTextDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.positions = NVCSinusoidalPositions(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList([NVCDecoderLayer(config, index) for index in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
 
@@ -441,9 +462,7 @@ class NVCTextDecoder(nn.Module):
                 f"The target reached {past_length + length} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; lower max_new_tokens or max_length."
             )
-        positions = sinusoidal_positions(
-            torch.arange(past_length, past_length + length, device=inputs_embeds.device), self.config.d_model
-        )
+        positions = self.positions(past_length, length, inputs_embeds.device)
         hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         for layer in self.layers:
@@ -571,6 +590,32 @@ class NVCForConditionalGeneration(NVCTextPreTrainedModel, GenerationMixin):
         generation_config.forced_eos_token_id = None
         generation_config.num_beams = 5
         generation_config.max_length = 128
+
+    def _prepare_generated_length(self, generation_config: GenerationConfig, *args, **kwargs) -> GenerationConfig:
+        # The saved `max_length` only caps calls that set no length. A call's `max_new_tokens` replaces it, so the
+        # saved value counts as a default here and transformers does not warn that both lengths were set.
+        # NOTE: this overrides a private `GenerationMixin` hook (transformers 5.25); if it is renamed, only the
+        # warning returns.
+        if (
+            "has_default_max_length" in kwargs
+            and generation_config.max_new_tokens is not None
+            and generation_config.max_length == self.generation_config.max_length
+        ):
+            kwargs["has_default_max_length"] = True
+        return super()._prepare_generated_length(generation_config, *args, **kwargs)
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Reorder the decoder self-attention cache after a beam-search step.
+
+        `beam_idx` only moves rows among the beams of one source sentence. Those beams attend to the same encoder
+        memory, so their cross-attention keys and values are equal and stay in place, which saves copying them at
+        every step.
+        """
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        return cache
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

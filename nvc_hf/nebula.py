@@ -400,13 +400,18 @@ class NVCBottleneck(nn.Module):
         """Whether the anchor losses are on: an NVC bottleneck whose anchors have been initialised."""
         return self.has_anchors and bool(self.anchors_initialized)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> NebulaOutput:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, return_loss: bool = True
+    ) -> NebulaOutput:
         """
         Args:
             hidden_states (`torch.FloatTensor` of shape `(batch, input_size)` or `(batch, length, input_size)`):
                 Features from the host network.
             attention_mask (`torch.Tensor` of shape `(batch,)` or `(batch, length)`, *optional*):
                 1 for real positions, 0 for padding. Padded positions take part in no loss and no assignment.
+            return_loss (`bool`, *optional*, defaults to `True`):
+                Compute the loss terms. With `False` the loss fields are `None`, and no random numbers are drawn
+                in eval mode; latents, means, log-variances and assignments are the same as with `True`.
         """
         if hidden_states.dim() not in (2, 3):
             raise ValueError(
@@ -425,8 +430,10 @@ class NVCBottleneck(nn.Module):
             valid = attention_mask.bool()
 
         mean = self.mean_projection(hidden_states)
-        zero = mean.new_zeros((), dtype=torch.float32)
         if self.logvar_projection is None:
+            if not return_loss:
+                return NebulaOutput(latents=mean, mean=mean)
+            zero = mean.new_zeros((), dtype=torch.float32)
             return NebulaOutput(latents=mean, mean=mean, loss=zero, kl_loss=zero, nebula_loss=zero, metric_loss=zero)
 
         logvar = self.logvar_projection(hidden_states)
@@ -435,18 +442,24 @@ class NVCBottleneck(nn.Module):
         else:
             latents = mean
 
+        if not return_loss:
+            assignments, anchor_distances = self._assign_to_anchors(mean, valid)
+            if self.training and assignments is not None:
+                self._record_batch(mean[valid].detach().float(), assignments[valid])
+            return NebulaOutput(
+                latents=latents, mean=mean, logvar=logvar, assignments=assignments, anchor_distances=anchor_distances
+            )
+
         # Losses are computed in float32 on the unpadded positions, also under fp16/bf16 autocast.
+        zero = mean.new_zeros((), dtype=torch.float32)
         flat_mean = mean[valid].float()
         flat_logvar = logvar[valid].float()
         flat_latents = latents[valid].float()
 
-        assignments = anchor_distances = None
         nebula_term = metric_term = zero
+        assignments, anchor_distances = self._assign_to_anchors(mean, valid)
         if self.has_anchors:
             anchors = self.anchors.float()
-            anchor_distances = squared_distances(mean.reshape(-1, self.latent_size).float(), anchors)
-            anchor_distances = anchor_distances.reshape(*leading_shape, self.num_anchors)
-            assignments = anchor_distances.argmin(-1).masked_fill(~valid, -1)
             flat_distances = anchor_distances[valid]
             flat_assignments = assignments[valid]
             if self.training:
@@ -482,6 +495,18 @@ class NVCBottleneck(nn.Module):
             nebula_loss=nebula_term,
             metric_loss=metric_term,
         )
+
+    def _assign_to_anchors(
+        self, mean: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.LongTensor | None, torch.FloatTensor | None]:
+        """Return the nearest anchor of every mean (`-1` where `valid` is false) and the squared distances to all
+        anchors, or `(None, None)` without anchors."""
+        if not self.has_anchors:
+            return None, None
+        anchor_distances = squared_distances(mean.reshape(-1, self.latent_size).float(), self.anchors.float())
+        anchor_distances = anchor_distances.reshape(*mean.shape[:-1], self.num_anchors)
+        assignments = anchor_distances.argmin(-1).masked_fill(~valid, -1)
+        return assignments, anchor_distances
 
     def _metric_loss(self, latents: torch.Tensor, labels: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         if latents.shape[0] > self.metric_max_samples:

@@ -1,6 +1,7 @@
 """NVC translation model: forward pass, bottleneck placement, generation, cache, tying, save/load and Auto classes."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -151,6 +152,78 @@ def test_cached_decoding_feeds_one_token_per_step():
     finally:
         hook.remove()
     assert lengths == [1] * 8
+
+
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_generate_runs_encoder_and_bottleneck_once(num_beams):
+    model, _, batch = trained_model_and_batch()
+    calls = []
+    hooks = [
+        model.get_encoder().register_forward_hook(lambda *args: calls.append("encoder")),
+        model.bottleneck.register_forward_hook(lambda *args: calls.append("bottleneck")),
+    ]
+    try:
+        model.generate(**batch, num_beams=num_beams, max_new_tokens=8, min_new_tokens=8)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == ["bottleneck", "encoder"]
+
+
+def test_beam_search_matches_full_cache_reorder(monkeypatch):
+    model, _, batch = trained_model_and_batch()
+    kept_in_place = model.generate(**batch, num_beams=5, max_new_tokens=20)
+
+    def reorder_both_caches(cache, beam_idx):
+        # What transformers does for a model without `_reorder_cache`: reorder self- and cross-attention caches.
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    monkeypatch.setattr(model, "_reorder_cache", reorder_both_caches)
+    fully_reordered = model.generate(**batch, num_beams=5, max_new_tokens=20)
+    assert torch.equal(kept_in_place, fully_reordered)
+
+
+def test_encoder_without_loss_keeps_outputs():
+    torch.manual_seed(0)
+    model = NVCTextModel(tiny_config(anchor_warmup_steps=0)).eval()
+    model.bottleneck.initialize_anchors(torch.randn(64, 32))
+    # More unpadded tokens than metric_max_samples, so the metric loss draws a random subset.
+    batch = real_batch(60)
+    assert int(batch["attention_mask"].sum()) > model.config.metric_max_samples
+
+    state = torch.get_rng_state()
+    with_loss = model.encoder(batch["input_ids"], attention_mask=batch["attention_mask"], return_loss=True)
+    assert not torch.equal(state, torch.get_rng_state())
+    state = torch.get_rng_state()
+    without_loss = model.encoder(batch["input_ids"], attention_mask=batch["attention_mask"], return_loss=False)
+    assert torch.equal(state, torch.get_rng_state())
+
+    for name in ("last_hidden_state", "encoder_states", "latents", "mean", "logvar", "assignments"):
+        assert torch.equal(getattr(with_loss, name), getattr(without_loss, name)), name
+    assert with_loss.nvc_loss is not None
+    for name in ("nvc_loss", "kl_loss", "nebula_loss", "metric_loss"):
+        assert getattr(without_loss, name) is None, name
+
+
+def test_generate_length_options_log_no_warning():
+    model, _, batch = trained_model_and_batch()
+    assert model.generation_config.max_length == 128
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    generation_logger = logging.getLogger("transformers.generation.utils")
+    generation_logger.addHandler(handler)
+    try:
+        by_new_tokens = model.generate(**batch, num_beams=1, max_new_tokens=5, min_new_tokens=5)
+        by_max_length = model.generate(**batch, num_beams=1, max_length=4, min_length=4)
+    finally:
+        generation_logger.removeHandler(handler)
+
+    assert [record.getMessage() for record in records] == []
+    # Each sequence starts with the decoder start token.
+    assert by_new_tokens.shape[1] == 6
+    assert by_max_length.shape[1] == 4
 
 
 def test_generate_modes_and_defaults():

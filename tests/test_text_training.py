@@ -1,11 +1,16 @@
-"""Translation training and evaluation scripts, and Seq2SeqTrainer with predict_with_generate."""
+"""Translation training (two processes, resuming), evaluation scripts and Seq2SeqTrainer with predict_with_generate."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from text_helpers import (
+    REPOSITORY_ROOT,
+    TINY_MODEL_ARGUMENTS,
     multi30k_pairs,
     single_threaded_torch,  # noqa: F401 (autouse fixture)
     tiny_config,
@@ -197,3 +202,75 @@ def test_script_defaults_keep_the_head_latent_size():
     assert NVCVisionConfig(**kwargs).latent_size == NVCVisionConfig().latent_size
     assert NVCPointConfig(**kwargs).latent_size == NVCPointConfig().latent_size
     assert NVCTextConfig(**NVCArguments(latent_size=64).config_kwargs(total_steps=100)).latent_size == 64
+
+
+# 120 real pairs in batches of at most 256 tokens: 12 optimizer steps per epoch, so 18 steps cross an epoch
+# boundary. Evaluation runs only at the last step, so the saved (best) weights are the final weights.
+TOKEN_BATCH_RUN = [
+    "--max_train_samples", "120",
+    "--max_eval_samples", "4",
+    "--max_test_samples", "4",
+    "--vocab_size", "400",
+    "--max_source_length", "24",
+    "--max_tokens", "256",
+    "--max_steps", "18",
+    "--eval_steps", "18",
+    "--anchor_warmup_ratio", "0.25",
+    "--learning_rate", "3e-3",
+    "--logging_steps", "4",
+    "--disable_tqdm", "true",
+    "--test_num_beams", "1",
+    "--seed", "7",
+    *TINY_MODEL_ARGUMENTS,
+]  # fmt: skip
+
+
+def train_token_batches(output_dir, extra: list[str]) -> dict:
+    import train_translation
+
+    return train_translation.main(["--output_dir", str(output_dir), *TOKEN_BATCH_RUN, *extra])
+
+
+@pytest.mark.slow
+def test_translation_resume_matches_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    uninterrupted = tmp_path / "uninterrupted"
+    results = train_token_batches(uninterrupted, ["--save_steps", "7"])
+    steps_per_epoch = results["steps_per_epoch"]
+    # Step 7 lies inside the first epoch and step 14 inside the second, so both resumes skip part of an epoch.
+    assert 7 < steps_per_epoch < 14 < 2 * steps_per_epoch
+    expected = load_file(uninterrupted / "model.safetensors")
+
+    for step in (7, 14):
+        resumed = tmp_path / f"resumed-{step}"
+        checkpoint = uninterrupted / f"checkpoint-{step}"
+        results = train_token_batches(resumed, ["--save_steps", "0", "--resume_from_checkpoint", str(checkpoint)])
+        assert results["global_step"] == 18
+        actual = load_file(resumed / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.equal(expected[name], actual[name]), f"{name} differs after resuming from step {step}"
+
+
+@pytest.mark.slow
+def test_translation_two_processes_keep_identical_weights(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPOSITORY_ROOT / "training" / "train_translation.py"),
+        "--output_dir", str(tmp_path),
+        "--save_steps", "0",
+        *TOKEN_BATCH_RUN,
+    ]  # fmt: skip
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())["test"]
+    assert results["num_processes"] == 2
+    assert results["global_step"] == 18
+    checksums = results["replica_checksums"]
+    assert len(checksums) == 2
+    assert checksums[0] == checksums[1]

@@ -10,6 +10,8 @@ and the median of `--repeats` runs is reported, which evens out load from other 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import HfArgumentParser, MarianConfig, MarianMTModel
 
 
@@ -34,13 +37,24 @@ class BenchmarkArguments:
 
     batch_size: int = field(default=100, metadata={"help": "Source sentences per generate call."})
     new_tokens: int = field(default=30, metadata={"help": "Tokens generated per sentence (fixed)."})
-    repeats: int = field(default=3, metadata={"help": "Timed runs per model and decoding mode."})
+    repeats: int = field(default=5, metadata={"help": "Timed runs per model and decoding mode."})
     vocab_size: int = field(default=8000, metadata={"help": "Joint vocabulary size of both models."})
     d_model: int = field(default=256, metadata={"help": "Model width."})
     layers: int = field(default=3, metadata={"help": "Encoder and decoder layers."})
     attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
     ffn_dim: int = field(default=1024, metadata={"help": "Feed-forward hidden size."})
     output_file: str | None = field(default=None, metadata={"help": "JSON file for the measurements."})
+
+
+def processor_name() -> str:
+    """Return the CPU model from /proc/cpuinfo (Linux), else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build_models(args: BenchmarkArguments) -> dict[str, torch.nn.Module]:
@@ -100,7 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     batch = tokenizer(splits["test"][0][: args.batch_size], padding=True, return_tensors="pt")
     models = build_models(args)
 
-    results = {"torch_threads": torch.get_num_threads(), "settings": vars(args)}
+    results = {
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "processor": processor_name(),
+        "cpu_count": os.cpu_count(),
+        # Other processes on the machine change the timings; the load averages show how busy it was.
+        "load_average_at_start": os.getloadavg(),
+        "settings": vars(args),
+    }
     for num_beams in (1, 5):
         for model in models.values():
             time_generate(model, batch, num_beams, 2)  # warm-up
@@ -117,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(json.dumps({key: value for key, value in results.items() if mode in key}))
 
+    results["load_average_at_end"] = os.getloadavg()
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(results, indent=2))
     return results

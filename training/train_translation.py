@@ -41,6 +41,7 @@ from loop import (  # noqa: E402
     find_bottleneck,
     mean_loss_terms,
     parse_arguments,
+    replica_checksums,
     resume_from_checkpoint,
     save_checkpoint,
     total_training_steps,
@@ -255,8 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         text_args.max_tokens,
         seed=training_args.seed,
     )
+    # Every new loader iterator draws a seed. A generator of its own keeps that draw off the global RNG (dropout,
+    # latent sampling), so a run resumed mid-epoch continues the same random stream as an uninterrupted run.
     train_dataloader = DataLoader(
-        train_dataset, batch_sampler=batch_sampler, collate_fn=collate_pairs(tokenizer.pad_token_id)
+        train_dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_pairs(tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(training_args.seed),
     )
 
     # Model: the step count is known before `prepare`, because the anchor warm-up is a fraction of it.
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     global_step, start_epoch = 0, 0
     if training_args.resume_from_checkpoint:
+        # NOTE: checkpoints leave out the validation history, the best weights so far and the means kept for the
+        # k-means initialisation of the anchors. A resumed run picks its best weights among its own evaluations only,
+        # and resuming during the anchor warm-up can initialise different anchors than an uninterrupted run.
         global_step, start_epoch = resume_from_checkpoint(
             accelerator, training_args.resume_from_checkpoint, output_dir
         )
@@ -338,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.train()
     for epoch in range(start_epoch, num_epochs):
+        # In a single process the prepared loader passes its own pass count to the sampler, and that count
+        # restarts at 0 after resuming, so the loader gets the epoch too. Across processes the sampler sits inside
+        # a shard that does not forward `set_epoch`, so the sampler is also set directly.
+        train_dataloader.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
         batches = train_dataloader
         completed_in_epoch = global_step - epoch * steps_per_epoch
@@ -395,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate_now()
 
     # Final evaluation: the weights with the best validation BLEU translate the test set with beam search.
+    checksums = replica_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
     test_started = time.perf_counter()
@@ -416,7 +430,10 @@ def main(argv: list[str] | None = None) -> dict:
         "best_validation_bleu": best["bleu"],
         "train_minutes": train_seconds / 60,
         "global_step": global_step,
+        "steps_per_epoch": steps_per_epoch,
         "num_processes": accelerator.num_processes,
+        # Taken before the best validation weights are loaded, so it compares what every process trained.
+        "replica_checksums": checksums,
         "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
     }
     bottleneck = find_bottleneck(unwrapped)
