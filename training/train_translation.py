@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_step, start_epoch = 0, 0
     if training_args.resume_from_checkpoint:
         global_step, start_epoch = resume_from_checkpoint(
-            accelerator, training_args.resume_from_checkpoint, output_dir
+            accelerator, training_args.resume_from_checkpoint, output_dir, model=model
         )
     steps_per_epoch = max(len(train_dataloader) // training_args.gradient_accumulation_steps, 1)
 
@@ -378,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
             if training_args.save_steps > 0 and global_step % training_args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, epoch, training_args.save_total_limit)
+                save_checkpoint(
+                    accelerator, output_dir, global_step, epoch, training_args.save_total_limit, model=model
+                )
             # Every process must agree on stopping, so the time limit is read from the main process's clock.
             if text_args.max_train_minutes is not None:
                 elapsed = torch.tensor(train_seconds, device=accelerator.device)
