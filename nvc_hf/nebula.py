@@ -80,11 +80,11 @@ def check_class_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -
 
 
 class ShapeCheckedLoadingMixin:
-    """Make `from_pretrained` name every checkpoint tensor whose shape disagrees with the config.
+    """Make `from_pretrained` errors name the broken weights file or every tensor of the wrong shape.
 
-    transformers raises for such a checkpoint but lists the tensors only in a logged report; this mixin loads once
-    more with `ignore_mismatched_sizes=True` to read them and raises a `RuntimeError` that lists them. Put it
-    before `PreTrainedModel` among the bases.
+    transformers lists mismatched tensors only in a logged report. On that error this mixin loads once more with
+    `ignore_mismatched_sizes=True` to read them, then raises a `RuntimeError` that lists them. An unreadable
+    safetensors file raises `OSError` naming the model. Put the mixin before `PreTrainedModel` among the bases.
     """
 
     @classmethod

@@ -27,7 +27,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-# A saved tokenizer folder holds at least one of these (fast tokenizers write both).
+# A saved tokenizer folder contains at least one of these (fast tokenizers write both).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 sys.path.insert(0, str(REPOSITORY_ROOT))
 
