@@ -94,3 +94,43 @@ def test_all_padding_sequence_is_finite():
     assert (output.assignments == -1).all()
     for name in ("loss", "kl_loss", "nebula_loss", "metric_loss"):
         assert getattr(output, name).item() == 0.0, name
+
+
+# Calls that would reach the network or run other programs, by the name they are called with.
+NETWORK_CALLS = {"urlopen", "hf_hub_download", "snapshot_download", "create_connection", "system", "popen", "Popen"}
+
+
+def exported_folder(tmp_path: Path, head: str) -> Path:
+    from nvc_hf import NVCForConditionalGeneration, NVCForPointCloudClassification, NVCPointConfig, NVCTextConfig
+
+    models = {
+        "vision": lambda: NVCForImageClassification(NVCVisionConfig(conv_channels=[4, 8], hidden_size=16)),
+        "point": lambda: NVCForPointCloudClassification(NVCPointConfig(point_mlp_sizes=[8], hidden_size=16)),
+        "text": lambda: NVCForConditionalGeneration(
+            NVCTextConfig(vocab_size=40, d_model=16, attention_heads=2, ffn_dim=32, latent_size=8)
+        ),
+    }
+    folder = tmp_path / head
+    models[head]().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("head", ["vision", "point", "text"])
+def test_exported_folder_is_safe(tmp_path, head):
+    folder = exported_folder(tmp_path, head)
+    files = {path.name for path in folder.iterdir()}
+    assert "model.safetensors" in files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+
+    code_files = sorted(folder.glob("*.py"))
+    assert {f"configuration_nvc_{head}.py", f"modeling_nvc_{head}.py", "nebula.py"} <= {p.name for p in code_files}
+    allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+    for path in code_files:
+        roots = imported_roots(path)
+        assert roots <= allowed, (path.name, roots - allowed)
+        assert not roots & NETWORK_MODULES, (path.name, roots & NETWORK_MODULES)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", None))
+                assert name not in NETWORK_CALLS, (path.name, node.lineno, name)
+                assert name not in ("eval", "exec", "__import__"), (path.name, node.lineno, name)
