@@ -227,6 +227,26 @@ def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[
     return checksums
 
 
+@torch.no_grad()
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Raise `FloatingPointError` naming the tensors if any floating-point weight or buffer is NaN or infinite.
+
+    The loss is checked before each optimizer step, but that step itself can write NaN into the weights (an
+    infinite gradient, say), so the weights are checked again before anything is saved from them.
+    """
+    non_finite = [
+        name
+        for name, tensor in model.state_dict().items()
+        if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all()
+    ]
+    if non_finite:
+        listed = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+        raise FloatingPointError(
+            f"The weights became NaN or infinite at step {step} ({listed}); lower --learning_rate or the loss "
+            "weights. Nothing is saved from this state."
+        )
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -237,10 +257,13 @@ def save_checkpoint(
 ) -> None:
     """Write a resumable checkpoint `checkpoint-<step>` atomically: first into a temporary folder, then a rename.
 
-    A process killed while writing leaves the previous checkpoints intact. With `model`, the latent means kept
-    for the anchors' k-means initialisation are saved too, so a run resumed during the anchor warm-up sets the
-    same anchors as an uninterrupted one.
+    A process killed while writing leaves the previous checkpoints intact. With `model`, the weights are first
+    checked to be finite (`FloatingPointError` otherwise, and nothing is written), and the latent means kept for
+    the anchors' k-means initialisation are saved too, so a run resumed during the anchor warm-up sets the same
+    anchors as an uninterrupted one.
     """
+    if model is not None:
+        check_finite_weights(model, step)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and temporary.exists():

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop import (  # noqa: E402
     NVCArguments,
     TrainingArguments,
+    check_finite_weights,
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             break
     progress.close()
     train_minutes = (time.perf_counter() - started) / 60
+    # The last optimizer step ran after the last loss check, so a diverged model is caught here, before saving.
+    check_finite_weights(model, global_step)
 
     # Final evaluation on the test set, which played no part in training or model selection.
     test_predictions = predict(model, test_dataloader, accelerator)

@@ -35,6 +35,7 @@ from evaluate_translation import score_translations, translate  # noqa: E402
 from loop import (  # noqa: E402
     NVCArguments,
     TrainingArguments,
+    check_finite_weights,
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Final evaluation: the weights with the best validation BLEU translate the test set with beam search.
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
+    # The best state may come from a step after the last loss check, so it is checked before it is tested or saved.
+    check_finite_weights(unwrapped, best["step"])
     test_started = time.perf_counter()
     hypotheses = translate(
         unwrapped,
