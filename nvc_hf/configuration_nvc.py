@@ -98,6 +98,18 @@ class NVCConfig(PreTrainedConfig):
         self.validate_nvc_fields()
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers only logs a warning for a config of another model type, and `from_pretrained` would then
+        # build this model with freshly initialised weights in place of every checkpoint tensor.
+        model_type = config_dict.get("model_type")
+        if cls.model_type and model_type and model_type != cls.model_type:
+            raise ValueError(
+                f"The config has model_type={model_type!r} but {cls.__name__} expects {cls.model_type!r}; load it "
+                "with the matching class or with AutoConfig / AutoModel."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_nvc_fields(self) -> None:
         """Raise `ValueError` naming the field, the value and what is allowed for any invalid bottleneck setting."""
         check_choice("bottleneck_type", self.bottleneck_type, BOTTLENECK_TYPES)

@@ -63,6 +63,13 @@ class NVCPointConfig(NVCConfig):
     def __post_init__(self, **kwargs):
         if self.id2label is None and "num_labels" not in kwargs:
             kwargs["num_labels"] = 10
+        if "num_labels" in kwargs:
+            # Checked before the base class turns it into id2label, which would hide a negative or NaN value.
+            check_positive_int("num_labels", kwargs["num_labels"], minimum=2)
+        if not isinstance(self.point_mlp_sizes, (list, tuple)):
+            raise ValueError(
+                f"point_mlp_sizes must be a list of layer sizes such as [64, 128, 256], got {self.point_mlp_sizes!r}."
+            )
         self.point_mlp_sizes = list(self.point_mlp_sizes)
         if not self.point_mlp_sizes:
             raise ValueError("point_mlp_sizes must list at least one layer size, got an empty list.")

@@ -116,6 +116,9 @@ class NVCTextConfig(NVCConfig):
                 f"d_model={self.d_model} is not divisible by attention_heads={self.attention_heads}; choose a head "
                 "count that divides d_model."
             )
+        for name in ("scale_embedding", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
         check_choice("bottleneck_level", self.bottleneck_level, BOTTLENECK_LEVELS)
         for name in ("dropout", "attention_dropout", "label_smoothing"):

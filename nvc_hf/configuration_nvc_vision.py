@@ -59,6 +59,13 @@ class NVCVisionConfig(NVCConfig):
     def __post_init__(self, **kwargs):
         if self.id2label is None and "num_labels" not in kwargs:
             kwargs["num_labels"] = 10
+        if "num_labels" in kwargs:
+            # Checked before the base class turns it into id2label, which would hide a negative or NaN value.
+            check_positive_int("num_labels", kwargs["num_labels"], minimum=2)
+        if not isinstance(self.conv_channels, (list, tuple)):
+            raise ValueError(
+                f"conv_channels must be a list of two channel counts such as [32, 64], got {self.conv_channels!r}."
+            )
         self.conv_channels = list(self.conv_channels)
         check_positive_int("num_channels", self.num_channels)
         check_positive_int("image_size", self.image_size, minimum=4)

@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_nvc_point import NVCPointConfig
-from .nebula import NVCBottleneck
+from .nebula import NVCBottleneck, ShapeCheckedLoadingMixin, check_class_labels
 
 
 @dataclass
@@ -165,7 +165,7 @@ def check_points(points: torch.Tensor, point_mask: torch.Tensor | None, min_poin
     return valid
 
 
-class NVCPointPreTrainedModel(PreTrainedModel):
+class NVCPointPreTrainedModel(ShapeCheckedLoadingMixin, PreTrainedModel):
     config_class = NVCPointConfig
     base_model_prefix = "nvc"
     main_input_name = "points"
@@ -256,6 +256,8 @@ class NVCPointModel(NVCPointPreTrainedModel):
                 1 for real points, 0 for padding, so that clouds of different sizes share a batch.
         """
         valid = check_points(points, point_mask, self.config.min_points)
+        # Floating-point clouds of another precision (float64 from numpy, say) are cast to the weights' dtype.
+        points = points.to(self.dtype)
         if point_mask is not None:
             # Padding may hold any value, NaN included; zero it so no arithmetic on it can misbehave.
             points = points.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -323,18 +325,13 @@ class NVCForPointCloudClassification(NVCPointPreTrainedModel):
                 Padding mask of `target_points`; defaults to `point_mask` when `target_points` is not given.
         """
         outputs = self.nvc(points, point_mask=point_mask)
+        points = points.to(self.dtype)
         logits = self.classifier(outputs.latents)
         loss = outputs.nvc_loss
 
         classification_loss = None
         if labels is not None:
-            if labels.shape != (points.shape[0],):
-                raise ValueError(f"labels must have shape ({points.shape[0]},), got {tuple(labels.shape)}.")
-            if labels.min() < 0 or labels.max() >= self.config.num_labels:
-                raise ValueError(
-                    f"labels must lie in [0, {self.config.num_labels}), got values from {int(labels.min())} to "
-                    f"{int(labels.max())}; set num_labels in the config to the number of classes."
-                )
+            labels = check_class_labels(labels, points.shape[0], self.config.num_labels)
             classification_loss = F.cross_entropy(logits.float(), labels)
             loss = loss + classification_loss
 
@@ -344,6 +341,7 @@ class NVCForPointCloudClassification(NVCPointPreTrainedModel):
                 target_points, target_mask = points, point_mask
             else:
                 check_points(target_points, target_mask, 1, name="target_points")
+                target_points = target_points.to(self.dtype)
                 if target_points.shape[0] != points.shape[0]:
                     raise ValueError(
                         f"target_points contains {target_points.shape[0]} clouds but points contains {points.shape[0]}."

@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
 from .configuration_nvc_text import NVCTextConfig
-from .nebula import NVCBottleneck
+from .nebula import NVCBottleneck, ShapeCheckedLoadingMixin
 
 
 @dataclass
@@ -301,6 +301,8 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name} must be a 2-D tensor of shape (batch, length), got {shape}; use the tokenizer.")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(ids.shape)}); pass at least one sequence.")
     if ids.shape[1] == 0:
         raise ValueError(f"{name} is empty along the length; pass at least one token per sequence.")
     if ids.numel() > 0 and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -317,7 +319,7 @@ def memory_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor |
     return attention_mask.bool()[:, None, None, :]
 
 
-class NVCTextPreTrainedModel(PreTrainedModel):
+class NVCTextPreTrainedModel(ShapeCheckedLoadingMixin, PreTrainedModel):
     config_class = NVCTextConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -394,6 +396,8 @@ class NVCTextEncoder(NVCTextPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
                 "pass the mask returned by the tokenizer."
             )
+        if attention_mask is not None and ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("attention_mask must contain only 1 (token) and 0 (padding); pass the tokenizer's mask.")
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(
@@ -654,6 +658,12 @@ class NVCForConditionalGeneration(NVCTextPreTrainedModel, GenerationMixin):
         """
         if labels is not None:
             check_token_ids("labels", labels.masked_fill(labels == -100, 0), self.config.vocab_size)
+            if (labels == -100).all():
+                # The token cross-entropy would average over zero tokens and return NaN.
+                raise ValueError(
+                    "labels contain only -100 (padding), so every target sequence is empty; drop pairs with an "
+                    "empty target from the data."
+                )
             if decoder_input_ids is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
             use_cache = False

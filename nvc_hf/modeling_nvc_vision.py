@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_nvc_vision import NVCVisionConfig
-from .nebula import NVCBottleneck
+from .nebula import NVCBottleneck, ShapeCheckedLoadingMixin, check_class_labels
 
 
 @dataclass
@@ -86,7 +86,7 @@ class NVCImageClassifierOutput(ModelOutput):
     anchor_distances: torch.FloatTensor | None = None
 
 
-class NVCVisionPreTrainedModel(PreTrainedModel):
+class NVCVisionPreTrainedModel(ShapeCheckedLoadingMixin, PreTrainedModel):
     config_class = NVCVisionConfig
     base_model_prefix = "nvc"
     main_input_name = "pixel_values"
@@ -206,6 +206,8 @@ class NVCVisionModel(NVCVisionPreTrainedModel):
                 Images with values in [0, 1], as returned by [`NVCImageProcessor`].
         """
         check_pixel_values(pixel_values, self.config)
+        # Floating-point images of another precision (float64 from numpy, say) are cast to the weights' dtype.
+        pixel_values = pixel_values.to(self.dtype)
         features = self.encoder(pixel_values)
         nebula = self.bottleneck(features)
         return NVCVisionModelOutput(
@@ -256,18 +258,13 @@ class NVCForImageClassification(NVCVisionPreTrainedModel):
                 Class indices in `[0, num_labels)`.
         """
         outputs = self.nvc(pixel_values)
+        pixel_values = pixel_values.to(self.dtype)
         logits = self.classifier(outputs.latents)
         loss = outputs.nvc_loss
 
         classification_loss = None
         if labels is not None:
-            if labels.shape != (pixel_values.shape[0],):
-                raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}.")
-            if labels.min() < 0 or labels.max() >= self.config.num_labels:
-                raise ValueError(
-                    f"labels must lie in [0, {self.config.num_labels}), got values from {int(labels.min())} to "
-                    f"{int(labels.max())}; set num_labels in the config to the number of classes."
-                )
+            labels = check_class_labels(labels, pixel_values.shape[0], self.config.num_labels)
             classification_loss = F.cross_entropy(logits.float(), labels)
             loss = loss + classification_loss
 

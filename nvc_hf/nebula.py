@@ -63,6 +63,60 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}.")
 
 
+def check_class_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> torch.Tensor:
+    """Raise a clear error for labels that are not class indices in `[0, num_labels)`; return them as `torch.long`."""
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}.")
+    if torch.is_floating_point(labels) or torch.is_complex(labels) or labels.dtype == torch.bool:
+        raise TypeError(
+            f"labels must hold integer class indices, got dtype {labels.dtype}; convert with labels.long()."
+        )
+    if labels.min() < 0 or labels.max() >= num_labels:
+        raise ValueError(
+            f"labels must lie in [0, {num_labels}), got values from {int(labels.min())} to "
+            f"{int(labels.max())}; set num_labels in the config to the number of classes."
+        )
+    return labels.long()
+
+
+class ShapeCheckedLoadingMixin:
+    """Make `from_pretrained` errors name the broken weights file or every tensor of the wrong shape.
+
+    transformers lists mismatched tensors only in a logged report. On that error this mixin loads once more with
+    `ignore_mismatched_sizes=True` to read them, then raises a `RuntimeError` that lists them. An unreadable
+    safetensors file raises `OSError` naming the model. Put the mixin before `PreTrainedModel` among the bases.
+    """
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            original = error
+        except Exception as error:
+            # Matched by name because remote code may import only torch, transformers and the standard library.
+            if type(error).__name__ != "SafetensorError":
+                raise
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"The safetensors weights of {source} cannot be read ({error}); the file is truncated or corrupt. "
+                "Download or save the model again."
+            ) from error
+        _, loading_info = super().from_pretrained(
+            *args, **{**kwargs, "ignore_mismatched_sizes": True, "output_loading_info": True}
+        )
+        mismatched = sorted(loading_info["mismatched_keys"])
+        listed = "; ".join(
+            f"{key}: checkpoint {tuple(saved)}, config {tuple(built)}" for key, saved, built in mismatched
+        )
+        raise RuntimeError(
+            f"{len(mismatched)} checkpoint tensors do not match the shapes the config builds ({listed}). Load the "
+            "checkpoint with its own config.json, or pass ignore_mismatched_sizes=True to re-initialise them."
+        ) from original
+
+
 @dataclass
 class NebulaOutput(ModelOutput):
     """
@@ -418,6 +472,17 @@ class NVCBottleneck(nn.Module):
                 "NVCBottleneck expects features of shape (batch, input_size) or (batch, length, input_size), "
                 f"got shape {tuple(hidden_states.shape)}."
             )
+        input_size = self.mean_projection.in_features
+        if hidden_states.shape[-1] != input_size:
+            raise ValueError(
+                f"NVCBottleneck was built with input_size={input_size} but got features of width "
+                f"{hidden_states.shape[-1]} (shape {tuple(hidden_states.shape)}); build it with the host's feature size."
+            )
+        if not torch.is_floating_point(hidden_states):
+            raise TypeError(f"NVCBottleneck expects floating-point features, got dtype {hidden_states.dtype}.")
+        weight_dtype = self.mean_projection.weight.dtype
+        if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            hidden_states = hidden_states.to(weight_dtype)
         leading_shape = hidden_states.shape[:-1]
         if attention_mask is None:
             valid = torch.ones(leading_shape, dtype=torch.bool, device=hidden_states.device)
@@ -428,6 +493,12 @@ class NVCBottleneck(nn.Module):
                     f"{tuple(leading_shape)}; pass one entry per position."
                 )
             valid = attention_mask.bool()
+        # Only unpadded positions must be finite: hosts may leave anything at padding.
+        if not torch.isfinite(hidden_states[valid]).all():
+            raise FloatingPointError(
+                "NVCBottleneck received NaN or infinite features: the input or the host network has diverged. "
+                "Check the input values, or lower the learning rate."
+            )
 
         mean = self.mean_projection(hidden_states)
         if self.logvar_projection is None:
@@ -662,4 +733,13 @@ def assignment_counts(assignments: torch.Tensor, num_anchors: int) -> torch.Tens
     return torch.bincount(flat[flat >= 0], minlength=num_anchors)
 
 
-__all__ = ["NVCBottleneck", "NebulaOutput", "kl_divergence", "nebula_loss", "triplet_loss", "ratio_loss", "kmeans"]
+__all__ = [
+    "NVCBottleneck",
+    "ShapeCheckedLoadingMixin",
+    "NebulaOutput",
+    "kl_divergence",
+    "nebula_loss",
+    "triplet_loss",
+    "ratio_loss",
+    "kmeans",
+]

@@ -137,6 +137,29 @@ def test_completion_batches_crop_inputs():
     assert set(train_points.prepare_training_batch(whole, arguments)) == {"points"}
 
 
+def test_eval_crops_depend_on_index_only():
+    import train_points
+
+    raw, _, _, _ = load_modelnet(SUBSET, "test")
+    clouds = torch.from_numpy(normalize_clouds(raw[:12]))
+    partial, point_mask = train_points.crop_eval_clouds(clouds, 0.25)
+    assert partial.shape == (12, 768, 3)
+    assert bool(point_mask.all())
+
+    # The first 5 clouds get the same crops whether 12 or 5 clouds are cropped, and cropping again repeats them.
+    first_partial, first_mask = train_points.crop_eval_clouds(clouds[:5], 0.25)
+    torch.testing.assert_close(first_partial, partial[:5], rtol=0, atol=0)
+    torch.testing.assert_close(first_mask, point_mask[:5], rtol=0, atol=0)
+
+    # One cloud at two indices is cut along two different directions.
+    repeated, _ = train_points.crop_eval_clouds(clouds[[0, 0]], 0.25)
+    assert not torch.equal(repeated[0], repeated[1])
+
+    batches = list(train_points.make_eval_dataloader(clouds, np.arange(12) % 10, batch_size=5, crop_ratio=0.25))
+    assert [len(batch[0]) for batch in batches] == [5, 5, 2]
+    torch.testing.assert_close(torch.cat([batch[2] for batch in batches]), partial, rtol=0, atol=0)
+
+
 def test_completion_run_reports_chamfer(tmp_path):
     results = run_training(tmp_path, *QUICK_RUN, "--max_steps", "6", "--completion", "true")
     assert results["completion_chamfer"] > 0

@@ -27,6 +27,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+# A saved tokenizer folder contains at least one of these (fast tokenizers write both).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 sys.path.insert(0, str(REPOSITORY_ROOT))
 
 from nvc_hf.data.parallel_text import load_multi30k, read_parallel_files  # noqa: E402
@@ -169,6 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     sources, references, name = load_split(args)
     if args.max_samples is not None:
         sources, references = sources[: args.max_samples], references[: args.max_samples]
+    model_folder = Path(args.model)
+    if model_folder.is_dir() and not any((model_folder / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"--model {model_folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it into the "
+            "folder with tokenizer.save_pretrained, as train_translation.py does."
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=torch.float32).to(accelerator.device)
 

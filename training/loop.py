@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, get_scheduler
 
 from nvc_hf.nebula import NVCBottleneck
@@ -27,6 +28,7 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
+WARMUP_MEANS_FILE = "anchor_warmup_means.safetensors"
 
 
 @dataclass
@@ -227,11 +229,43 @@ def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[
     return checksums
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch: int, save_total_limit: int) -> None:
+@torch.no_grad()
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Raise `FloatingPointError` naming the tensors if any floating-point weight or buffer is NaN or infinite.
+
+    The loss is checked before each optimizer step, but that step itself can write NaN into the weights (an
+    infinite gradient, say), so the weights are checked again before anything is saved from them.
+    """
+    non_finite = [
+        name
+        for name, tensor in model.state_dict().items()
+        if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all()
+    ]
+    if non_finite:
+        listed = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+        raise FloatingPointError(
+            f"The weights became NaN or infinite at step {step} ({listed}); lower --learning_rate or the loss "
+            "weights. Nothing is saved from this state."
+        )
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    epoch: int,
+    save_total_limit: int,
+    model: torch.nn.Module | None = None,
+) -> None:
     """Write a resumable checkpoint `checkpoint-<step>` atomically: first into a temporary folder, then a rename.
 
-    A process killed while writing leaves the previous checkpoints intact.
+    A process killed while writing leaves the previous checkpoints intact. With `model`, the weights are first
+    checked to be finite (`FloatingPointError` otherwise, and nothing is written), and the latent means kept for
+    the anchors' k-means initialisation are saved too, so a run resumed during the anchor warm-up sets the same
+    anchors as an uninterrupted one.
     """
+    if model is not None:
+        check_finite_weights(model, step)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and temporary.exists():
@@ -239,6 +273,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     if accelerator.is_main_process:
+        bottleneck = find_bottleneck(model) if model is not None else None
+        if bottleneck is not None and bottleneck.has_anchors:
+            # Rank 0's k-means result is broadcast to the other processes, so its sample alone decides the anchors.
+            chunks = {
+                f"chunk_{index:05d}": chunk.contiguous().cpu() for index, chunk in enumerate(bottleneck._warmup_means)
+            }
+            save_file(chunks, temporary / WARMUP_MEANS_FILE)
         (temporary / TRAINER_STATE_FILE).write_text(json.dumps({"global_step": step, "epoch": epoch}))
         if final.exists():
             shutil.rmtree(final)
@@ -254,8 +295,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def resume_from_checkpoint(accelerator: Accelerator, checkpoint: str, output_dir: Path) -> tuple[int, int]:
-    """Load model, optimizer, scheduler and RNG states; return `(global_step, epoch)` of the checkpoint."""
+def resume_from_checkpoint(
+    accelerator: Accelerator, checkpoint: str, output_dir: Path, model: torch.nn.Module | None = None
+) -> tuple[int, int]:
+    """Load model, optimizer, scheduler and RNG states (and with `model`, the anchor warm-up sample); return
+    `(global_step, epoch)` of the checkpoint."""
     if checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
@@ -269,6 +313,10 @@ def resume_from_checkpoint(accelerator: Accelerator, checkpoint: str, output_dir
             f"{path} is not a complete checkpoint ({TRAINER_STATE_FILE} is missing); pass a checkpoint-<step> folder."
         )
     accelerator.load_state(str(path))
+    bottleneck = find_bottleneck(model) if model is not None else None
+    if bottleneck is not None and (path / WARMUP_MEANS_FILE).exists():
+        chunks = load_file(path / WARMUP_MEANS_FILE, device=str(accelerator.device))
+        bottleneck._warmup_means = [chunks[name] for name in sorted(chunks)]
     state = json.loads(state_file.read_text())
     logger.info(f"Resumed from {path} at step {state['global_step']}.", main_process_only=True)
     return int(state["global_step"]), int(state["epoch"])

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop import (  # noqa: E402
     NVCArguments,
     TrainingArguments,
+    check_finite_weights,
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_step, start_epoch = 0, 0
     if training_args.resume_from_checkpoint:
         global_step, start_epoch = resume_from_checkpoint(
-            accelerator, training_args.resume_from_checkpoint, output_dir
+            accelerator, training_args.resume_from_checkpoint, output_dir, model=model
         )
     steps_per_epoch = max(len(train_dataloader) // training_args.gradient_accumulation_steps, 1)
 
@@ -260,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
             if training_args.save_steps > 0 and global_step % training_args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, epoch, training_args.save_total_limit)
+                save_checkpoint(
+                    accelerator, output_dir, global_step, epoch, training_args.save_total_limit, model=model
+                )
             if training_args.eval_steps > 0 and global_step % training_args.eval_steps == 0:
                 history.append({"step": global_step, **evaluate_split(model, eval_dataloader, accelerator, config)})
             if global_step >= num_training_steps:
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             break
     progress.close()
     train_minutes = (time.perf_counter() - started) / 60
+    # The last optimizer step ran after the last loss check, so a diverged model is caught here, before saving.
+    check_finite_weights(model, global_step)
 
     # Final evaluation on the test set, which played no part in training or model selection.
     test_predictions = predict(model, test_dataloader, accelerator)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop import (  # noqa: E402
     NVCArguments,
     TrainingArguments,
+    check_finite_weights,
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
@@ -130,6 +131,33 @@ def make_dataloader(clouds, labels, batch_size: int, shuffle: bool, seed: int = 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+def crop_eval_clouds(
+    clouds: torch.Tensor, crop_ratio: float, seed: int = EVAL_CROP_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop every evaluation cloud of `(count, points, 3)` once, before the clouds are split between processes.
+
+    Cloud `i` is cropped with a generator seeded with `seed + i`, so its partial cloud depends only on the seed and
+    its index: not on the process count, the batch size or how many clouds follow it. Returns the partial clouds
+    `(count, kept, 3)` and their `point_mask` `(count, kept)`.
+    """
+    partials, point_masks = [], []
+    for index in range(clouds.shape[0]):
+        generator = torch.Generator().manual_seed(seed + index)
+        partial, point_mask = crop_clouds(clouds[index : index + 1], (crop_ratio, crop_ratio), generator=generator)
+        partials.append(partial[0])
+        point_masks.append(point_mask[0])
+    # With one fixed ratio, clouds of equal size keep equal point counts, so the crops stack without padding.
+    return torch.stack(partials), torch.stack(point_masks)
+
+
+def make_eval_dataloader(clouds, labels, batch_size: int, crop_ratio: float) -> DataLoader:
+    """Batches of `(points, labels, partial points, partial point_mask)` in dataset order, for `predict`."""
+    clouds = torch.as_tensor(clouds)
+    partial, point_mask = crop_eval_clouds(clouds, crop_ratio)
+    dataset = TensorDataset(clouds, torch.as_tensor(labels, dtype=torch.long), partial, point_mask)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
 def prepare_training_batch(points: torch.Tensor, point_args: PointArguments) -> dict[str, torch.Tensor]:
     """Subsample and augment a batch of whole clouds; in completion mode, crop them and keep the whole as target."""
     order = torch.rand(points.shape[:2], device=points.device).argsort(dim=1)[:, : point_args.num_train_points]
@@ -157,18 +185,17 @@ def chunked_chamfer_distance(predicted: torch.Tensor, target: torch.Tensor, chun
 
 
 @torch.no_grad()
-def predict(model, dataloader, accelerator, eval_crop_ratio: float) -> dict[str, np.ndarray]:
+def predict(model, dataloader, accelerator) -> dict[str, np.ndarray]:
     """Run the model over whole and cropped clouds; gather predictions, labels, means, assignments and Chamfer.
 
-    The crops come from a generator seeded with `EVAL_CROP_SEED`, so every evaluation with the same number of processes scores the same partial clouds.
+    `dataloader` comes from `make_eval_dataloader`, which crops the clouds before they are split between
+    processes, so every evaluation scores the same partial clouds whatever the process count.
     """
     model.eval()
-    generator = torch.Generator(device=accelerator.device).manual_seed(EVAL_CROP_SEED + accelerator.process_index)
     keys = ("predictions", "partial_predictions", "labels", "means", "assignments", "reconstruction", "completion")
     gathered = {key: [] for key in keys}
-    for points, labels in dataloader:
+    for points, labels, partial, point_mask in dataloader:
         outputs = model(points=points)
-        partial, point_mask = crop_clouds(points, (eval_crop_ratio, eval_crop_ratio), generator=generator)
         partial_outputs = model(points=partial, point_mask=point_mask)
         assignments = outputs.assignments if outputs.assignments is not None else torch.zeros_like(labels)
         if outputs.reconstruction is not None:
@@ -242,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         *splits["train"], training_args.per_device_train_batch_size, shuffle=True, seed=training_args.seed
     )
     eval_dataloader = make_dataloader(*splits["validation"], training_args.per_device_eval_batch_size, shuffle=False)
-    test_dataloader = make_dataloader(*splits["test"], training_args.per_device_eval_batch_size, shuffle=False)
+    test_dataloader = make_eval_dataloader(
+        *splits["test"], training_args.per_device_eval_batch_size, crop_ratio=point_args.eval_crop_ratio
+    )
 
     # Model: the step count is known before `prepare`, because the anchor warm-up is a fraction of it. The
     # dataloader is sharded by `prepare`, so the per-process batch count is divided by the process count.
@@ -283,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_step, start_epoch = 0, 0
     if training_args.resume_from_checkpoint:
         global_step, start_epoch = resume_from_checkpoint(
-            accelerator, training_args.resume_from_checkpoint, output_dir
+            accelerator, training_args.resume_from_checkpoint, output_dir, model=model
         )
     steps_per_epoch = max(len(train_dataloader) // training_args.gradient_accumulation_steps, 1)
 
@@ -338,7 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
             if training_args.save_steps > 0 and global_step % training_args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, epoch, training_args.save_total_limit)
+                save_checkpoint(
+                    accelerator, output_dir, global_step, epoch, training_args.save_total_limit, model=model
+                )
             if training_args.eval_steps > 0 and global_step % training_args.eval_steps == 0:
                 history.append({"step": global_step, **evaluate_split(model, eval_dataloader, accelerator, config)})
             if global_step >= num_training_steps:
@@ -351,9 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
             break
     progress.close()
     train_minutes = (time.perf_counter() - started) / 60
+    # The last optimizer step ran after the last loss check, so a diverged model is caught here, before saving.
+    check_finite_weights(model, global_step)
 
     # Final evaluation on the test set, which played no part in training or model selection.
-    test_predictions = predict(model, test_dataloader, accelerator, point_args.eval_crop_ratio)
+    test_predictions = predict(model, test_dataloader, accelerator)
     bottleneck = find_bottleneck(accelerator.unwrap_model(model))
     num_anchors = config.num_anchors if bottleneck is not None and bottleneck.has_anchors else None
     results = score(test_predictions, num_anchors, len(label_names), training_args.seed)

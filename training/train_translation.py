@@ -35,6 +35,7 @@ from evaluate_translation import score_translations, translate  # noqa: E402
 from loop import (  # noqa: E402
     NVCArguments,
     TrainingArguments,
+    check_finite_weights,
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         # k-means initialisation of the anchors. A resumed run picks its best weights among its own evaluations only,
         # and resuming during the anchor warm-up can initialise different anchors than an uninterrupted run.
         global_step, start_epoch = resume_from_checkpoint(
-            accelerator, training_args.resume_from_checkpoint, output_dir
+            accelerator, training_args.resume_from_checkpoint, output_dir, model=model
         )
     steps_per_epoch = max(len(train_dataloader) // training_args.gradient_accumulation_steps, 1)
 
@@ -391,7 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
             if training_args.save_steps > 0 and global_step % training_args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, epoch, training_args.save_total_limit)
+                save_checkpoint(
+                    accelerator, output_dir, global_step, epoch, training_args.save_total_limit, model=model
+                )
             # Every process must agree on stopping, so the time limit is read from the main process's clock.
             if text_args.max_train_minutes is not None:
                 elapsed = torch.tensor(train_seconds, device=accelerator.device)
@@ -411,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     checksums = replica_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
+    # The best state may come from a step after the last loss check, so it is checked before it is tested or saved.
+    check_finite_weights(unwrapped, best["step"])
     test_started = time.perf_counter()
     hypotheses = translate(
         unwrapped,
