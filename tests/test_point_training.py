@@ -99,6 +99,16 @@ def test_output_folder_is_hub_ready(trained_folder):
     assert "Chamfer distance, completion" in card
 
 
+def test_card_states_test_sample(trained_folder):
+    _, test_labels, _, _ = load_modelnet(SUBSET, "test")
+    card = (trained_folder / "README.md").read_text()
+
+    expected = f"a seeded random sample of 100 of {len(test_labels)} test clouds in {SUBSET.name} of ModelNet10"
+    assert expected in card
+    assert str(trained_folder) not in card
+    assert str(REPOSITORY_ROOT) not in card
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     settings = [*QUICK_RUN, "--max_steps", "12", "--save_steps", "6", "--reconstruction_weight", "0"]
     run_training(tmp_path, *settings)
