@@ -259,13 +259,36 @@ def head_card(model_type: str) -> HeadCard:
     return HEAD_CARDS[model_type]
 
 
-def model_auto_class(saved_config: dict) -> str:
-    """Return the name of the Auto class that loads the saved model: its `auto_map` entry for `architectures[0]`."""
+def model_auto_class(saved_config: dict) -> str | None:
+    """Return the Auto class that loads the saved architecture (its `auto_map` entry), or `None` when none does."""
     architectures = saved_config.get("architectures") or []
     for auto_class, reference in (saved_config.get("auto_map") or {}).items():
         if auto_class.startswith("AutoModel") and architectures and reference.endswith("." + architectures[0]):
             return auto_class
-    return "AutoModel"
+    return None
+
+
+def class_loading_lines(repo_id: str, saved_config: dict, remote_code: bool) -> list[str]:
+    """Write the lines that load an architecture no Auto class serves, by its class name.
+
+    With the package the class is imported from it. Without, `get_class_from_dynamic_module` imports it from the code
+    file of the repository that defines the base model for `AutoModel`.
+    """
+    architecture = saved_config["architectures"][0]
+    if not remote_code:
+        return [
+            "import nvc_hf",
+            "",
+            f'model = nvc_hf.{architecture}.from_pretrained("{repo_id}")',
+        ]
+    module = saved_config["auto_map"]["AutoModel"].rsplit(".", 1)[0]
+    pinned = 'revision="<commit sha>"'
+    return [
+        "from transformers.dynamic_module_utils import get_class_from_dynamic_module",
+        "",
+        f'model_class = get_class_from_dynamic_module("{module}.{architecture}", "{repo_id}", {pinned})',
+        f'model = model_class.from_pretrained("{repo_id}", {pinned})',
+    ]
 
 
 def processor_auto_class(folder: Path) -> str | None:
@@ -429,6 +452,12 @@ def write_model_card(
 
     model_class = model_auto_class(saved_config)
     processor_class = processor_auto_class(output_dir)
+    if model_class is None:
+        usage_with_package = "\n".join(class_loading_lines(repo_id, saved_config, remote_code=False))
+        usage_remote_code = "\n".join(class_loading_lines(repo_id, saved_config, remote_code=True))
+    else:
+        usage_with_package = usage_snippet(repo_id, head, model_class, processor_class, False, example)
+        usage_remote_code = usage_snippet(repo_id, head, model_class, processor_class, True, example)
     anchor_health = {
         key.removeprefix("final_"): _format(value) for key, value in results.items() if key.startswith("final_")
     }
@@ -447,8 +476,8 @@ def write_model_card(
             "with the `nvc_hf` package."
         ),
         num_anchors=config.num_anchors,
-        usage_with_package=usage_snippet(repo_id, head, model_class, processor_class, False, example),
-        usage_remote_code=usage_snippet(repo_id, head, model_class, processor_class, True, example),
+        usage_with_package=usage_with_package,
+        usage_remote_code=usage_remote_code,
         nvc_settings=config.nvc_settings(),
         anchor_health=anchor_health,
         results_note=" ".join(
