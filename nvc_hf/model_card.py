@@ -72,6 +72,8 @@ class HeadCard:
     `pipeline_task` and `pipeline_input` add a `pipeline(...)` call to the load snippets; leave `pipeline_task`
     `None` for a head that no pipeline serves. `pipeline_input` is a Python expression, and a training script may
     replace it with an input of its own and the model's output for it (see `example` of [`write_model_card`]).
+    `package_pipeline_class` names the package's pipeline class for a folder that declares its pipeline under
+    `custom_pipelines`: transformers 5.25 then asks for `trust_remote_code=True` or an explicit `pipeline_class`.
     """
 
     description: str
@@ -80,6 +82,7 @@ class HeadCard:
     results_note: str = ""
     pipeline_task: str | None = None
     pipeline_input: str | None = None
+    package_pipeline_class: str | None = None
 
 
 CLUSTER_METRICS = (
@@ -131,6 +134,7 @@ HEAD_CARDS = {
         results_note="BLEU and chrF are corpus scores computed with sacreBLEU; the signature is in the model index.",
         # The package registers this task, and a saved folder declares it under `custom_pipelines` for remote code.
         pipeline_task="translation",
+        package_pipeline_class="NVCTranslationPipeline",
     ),
     "nvc-point": HeadCard(
         description="A point-cloud classifier with an NVC bottleneck between its point encoder and classifier",
@@ -324,7 +328,10 @@ def usage_snippet(
         lines.append(f'{variable} = {processor_class}.from_pretrained("{repo_id}"{load_options})')
     if head.pipeline_task is not None:
         lines.append("")
-        lines.append(f'pipe = pipeline("{head.pipeline_task}", model="{repo_id}"{load_options})')
+        pipeline_options = load_options
+        if not remote_code and head.package_pipeline_class is not None:
+            pipeline_options = f", pipeline_class=nvc_hf.{head.package_pipeline_class}"
+        lines.append(f'pipe = pipeline("{head.pipeline_task}", model="{repo_id}"{pipeline_options})')
         pipeline_input = repr(example[0]) if example is not None else head.pipeline_input
         if pipeline_input is not None:
             lines.append(f"print(pipe({pipeline_input}))")

@@ -68,6 +68,7 @@ def test_model_card_body():
     assert "| `bottleneck_level` | `token` |" in text
     assert f"print(pipe({first_source!r}))" in text
     assert f"# {first_translation}" in text
+    assert "pipeline_class=nvc_hf.NVCTranslationPipeline)" in text
     assert 'pipeline("translation", model="<namespace>/' in text
     assert "AutoModelForSeq2SeqLM.from_pretrained(" in text
     assert "AutoTokenizer.from_pretrained(" in text
