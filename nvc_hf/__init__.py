@@ -43,11 +43,10 @@ NVCImageProcessor.register_for_auto_class("AutoImageProcessor")
 NVCTextConfig.register_for_auto_class()
 NVCTextModel.register_for_auto_class("AutoModel")
 NVCForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
-# transformers has no Auto class for point-cloud classification. `AutoModel` loads `NVCPointModel` from the package;
-# a saved classification head maps `AutoModel` to itself in `auto_map`, so `trust_remote_code=True` loads the head.
+# transformers has no Auto class for point-cloud classification, so `AutoModel` gives `NVCPointModel` with or without
+# the package, and a saved classifier copies its own code too (see `NVCForPointCloudClassification.save_pretrained`).
 NVCPointConfig.register_for_auto_class()
 NVCPointModel.register_for_auto_class("AutoModel")
-NVCForPointCloudClassification.register_for_auto_class("AutoModel")
 # transformers 5.x has no "translation" task of its own. Registered here, the pipeline's `save_pretrained` copies
 # pipeline_nvc_text.py and lists it under `custom_pipelines`, so `pipeline("translation", model=folder,
 # trust_remote_code=True)` builds it.

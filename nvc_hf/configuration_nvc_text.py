@@ -132,5 +132,9 @@ class NVCTextConfig(NVCConfig):
                 raise ValueError(f"{name}={value} is outside the vocabulary (vocab_size={self.vocab_size}).")
         super().__post_init__(**kwargs)
 
+    def nvc_settings(self) -> dict:
+        """Return the bottleneck settings, with where the bottleneck sits (`bottleneck_level`), as a plain dict."""
+        return {**super().nvc_settings(), "bottleneck_level": self.bottleneck_level}
+
 
 __all__ = ["NVCTextConfig"]

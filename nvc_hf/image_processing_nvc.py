@@ -38,6 +38,12 @@ class NVCImageProcessor(PilBackend):
     def to_dict(self) -> dict:
         output = super().to_dict()
         output["num_channels"] = self.num_channels
+        auto_map = output.get("auto_map") or {}
+        if isinstance(auto_map.get("AutoImageProcessor"), str):
+            # The (slow, fast) pair form, with no fast class. From a plain string, transformers 5.25's
+            # AutoVideoProcessor derives a video processor reference that does not exist and prompts for
+            # trust_remote_code, which `pipeline("image-classification")` triggers. It derives nothing from the pair.
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": [auto_map["AutoImageProcessor"], None]}
         return output
 
     def process_image(self, image, **kwargs) -> np.ndarray:

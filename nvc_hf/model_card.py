@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,11 @@ class HeadCard:
     """
     Description, metrics, pipeline example and limitations of one NVC head, as its model card states them.
 
-    `pipeline_task` and `pipeline_input` add a `pipeline(...)` call to the load snippets. Leave them `None` for a
-    head that no transformers pipeline serves, such as translation, which transformers 5.25 has no pipeline for.
+    `pipeline_task` and `pipeline_input` add a `pipeline(...)` call to the load snippets; leave `pipeline_task`
+    `None` for a head that no pipeline serves. `pipeline_input` is a Python expression, and a training script may
+    replace it with an input of its own and the model's output for it (see `example` of [`write_model_card`]).
+    `package_pipeline_class` names the package's pipeline class for a folder that declares its pipeline under
+    `custom_pipelines`: transformers 5.25 then asks for `trust_remote_code=True` or an explicit `pipeline_class`.
     """
 
     description: str
@@ -78,6 +82,7 @@ class HeadCard:
     results_note: str = ""
     pipeline_task: str | None = None
     pipeline_input: str | None = None
+    package_pipeline_class: str | None = None
 
 
 CLUSTER_METRICS = (
@@ -102,8 +107,7 @@ CLUSTER_NOTE = (
     "Hungarian one-to-one mapping otherwise; the model index records which one as the metric's config."
 )
 
-# NOTE: the `nvc-text` and `nvc-point` entries assume result keys (`bleu` with `bleu_signature`, `accuracy`) that are
-# not yet checked against those heads' training scripts. A script with other keys passes `metrics=` to the writer.
+# The point-cloud script reports more metrics than these and passes its own list as `metrics=`.
 HEAD_CARDS = {
     "nvc-vision": HeadCard(
         description="An image classifier with an NVC bottleneck between its convolutional encoder and classifier",
@@ -128,6 +132,9 @@ HEAD_CARDS = {
             "Anchor assignments are made per token and need not correspond to linguistic categories."
         ),
         results_note="BLEU and chrF are corpus scores computed with sacreBLEU; the signature is in the model index.",
+        # The package registers this task, and a saved folder declares it under `custom_pipelines` for remote code.
+        pipeline_task="translation",
+        package_pipeline_class="NVCTranslationPipeline",
     ),
     "nvc-point": HeadCard(
         description="A point-cloud classifier with an NVC bottleneck between its point encoder and classifier",
@@ -179,13 +186,65 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_local_path(value: str) -> bool:
+    """Check whether a dataset argument names a local file or folder rather than a Hub dataset id (`org/name`)."""
+    return os.path.isabs(os.path.expanduser(value)) or value.startswith(("./", "../")) or Path(value).exists()
+
+
+def shorten_local_path(value: str) -> str:
+    """Return a path as a card may show it: relative to the repository when inside it, otherwise its last part.
+
+    A card is published, so it must not record the folders of the machine that trained the model.
+    """
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        return value
+    try:
+        return path.resolve().relative_to(TEMPLATE_PATH.parents[1]).as_posix()
+    except ValueError:
+        return f"<local>/{path.name}"
+
+
+def redact_local_paths(arguments):
+    """Copy nested training arguments, replacing every absolute path in a string with its shortened form."""
+    if isinstance(arguments, dict):
+        return {key: redact_local_paths(value) for key, value in arguments.items()}
+    if isinstance(arguments, (list, tuple)):
+        return [redact_local_paths(value) for value in arguments]
+    if isinstance(arguments, str) and any(os.path.isabs(os.path.expanduser(part)) for part in arguments.split(",")):
+        # Options such as `--train_files source,target` hold several paths.
+        return ",".join(shorten_local_path(part) for part in arguments.split(","))
+    return arguments
+
+
+def describe_test_subset(used: int, total: int, unit: str, selection: str = "first") -> str:
+    """Describe the evaluation data for a card, e.g. "the first 2,000 of 10,000 test images".
+
+    `selection` is `"first"` for a leading slice or `"random"` for a seeded random sample; `unit` is a plural noun.
+    """
+    if selection not in ("first", "random"):
+        raise ValueError(f"Invalid selection {selection!r}; pass 'first' or 'random'.")
+    if not 0 < used <= total:
+        raise ValueError(f"Invalid test subset size used={used}; it must be between 1 and {total} examples.")
+    if used == total:
+        return f"all {total:,} test {unit}"
+    if selection == "first":
+        return f"the first {used:,} of {total:,} test {unit}"
+    return f"a seeded random sample of {used:,} of {total:,} test {unit}"
+
+
 def resolve_dataset(dataset: str | DatasetInfo) -> DatasetInfo:
-    """Return the [`DatasetInfo`] of a known dataset name (case-insensitive), or a minimal one for any other name."""
+    """Return the [`DatasetInfo`] of a known dataset name (case-insensitive), or a minimal one for any other name.
+
+    A local path is named by its last part, so that no folder of the training machine reaches the card.
+    """
     if isinstance(dataset, DatasetInfo):
         return dataset
     known = KNOWN_DATASETS.get(dataset.lower())
     if known is not None:
         return known
+    if _is_local_path(dataset):
+        dataset = Path(dataset).expanduser().name or dataset
     return DatasetInfo(
         name=dataset,
         hub_id=dataset.lower(),
@@ -204,13 +263,36 @@ def head_card(model_type: str) -> HeadCard:
     return HEAD_CARDS[model_type]
 
 
-def model_auto_class(saved_config: dict) -> str:
-    """Return the name of the Auto class that loads the saved model: its `auto_map` entry for `architectures[0]`."""
+def model_auto_class(saved_config: dict) -> str | None:
+    """Return the Auto class that loads the saved architecture (its `auto_map` entry), or `None` when none does."""
     architectures = saved_config.get("architectures") or []
     for auto_class, reference in (saved_config.get("auto_map") or {}).items():
         if auto_class.startswith("AutoModel") and architectures and reference.endswith("." + architectures[0]):
             return auto_class
-    return "AutoModel"
+    return None
+
+
+def class_loading_lines(repo_id: str, saved_config: dict, remote_code: bool) -> list[str]:
+    """Write the lines that load an architecture no Auto class serves, by its class name.
+
+    With the package the class is imported from it. Without, `get_class_from_dynamic_module` imports it from the code
+    file of the repository that defines the base model for `AutoModel`.
+    """
+    architecture = saved_config["architectures"][0]
+    if not remote_code:
+        return [
+            "import nvc_hf",
+            "",
+            f'model = nvc_hf.{architecture}.from_pretrained("{repo_id}")',
+        ]
+    module = saved_config["auto_map"]["AutoModel"].rsplit(".", 1)[0]
+    pinned = 'revision="<commit sha>"'
+    return [
+        "from transformers.dynamic_module_utils import get_class_from_dynamic_module",
+        "",
+        f'model_class = get_class_from_dynamic_module("{module}.{architecture}", "{repo_id}", {pinned})',
+        f'model = model_class.from_pretrained("{repo_id}", {pinned})',
+    ]
 
 
 def processor_auto_class(folder: Path) -> str | None:
@@ -222,9 +304,17 @@ def processor_auto_class(folder: Path) -> str | None:
 
 
 def usage_snippet(
-    repo_id: str, head: HeadCard, model_class: str, processor_class: str | None, remote_code: bool
+    repo_id: str,
+    head: HeadCard,
+    model_class: str,
+    processor_class: str | None,
+    remote_code: bool,
+    example: tuple[str, str] | None = None,
 ) -> str:
-    """Write the Python lines that load the model from the Hub, with or without this package installed."""
+    """Write the Python lines that load the model from the Hub, with or without this package installed.
+
+    `example` is an input for the pipeline and the model's output for it, shown as a comment.
+    """
     load_options = ', trust_remote_code=True, revision="<commit sha>"' if remote_code else ""
     imported = [name for name in (processor_class, model_class) if name]
     if head.pipeline_task is not None:
@@ -234,11 +324,19 @@ def usage_snippet(
     lines += [f"from transformers import {', '.join(imported)}", ""]
     lines.append(f'model = {model_class}.from_pretrained("{repo_id}"{load_options})')
     if processor_class is not None:
-        lines.append(f'processor = {processor_class}.from_pretrained("{repo_id}"{load_options})')
+        variable = "tokenizer" if processor_class == "AutoTokenizer" else "processor"
+        lines.append(f'{variable} = {processor_class}.from_pretrained("{repo_id}"{load_options})')
     if head.pipeline_task is not None:
         lines.append("")
-        lines.append(f'pipe = pipeline("{head.pipeline_task}", model="{repo_id}"{load_options})')
-        lines.append(f"print(pipe({head.pipeline_input}))")
+        pipeline_options = load_options
+        if not remote_code and head.package_pipeline_class is not None:
+            pipeline_options = f", pipeline_class=nvc_hf.{head.package_pipeline_class}"
+        lines.append(f'pipe = pipeline("{head.pipeline_task}", model="{repo_id}"{pipeline_options})')
+        pipeline_input = repr(example[0]) if example is not None else head.pipeline_input
+        if pipeline_input is not None:
+            lines.append(f"print(pipe({pipeline_input}))")
+        if example is not None:
+            lines.append(f"# {example[1]}")
     return "\n".join(lines)
 
 
@@ -259,9 +357,16 @@ def select_metrics(
 
 
 def build_eval_results(
-    rows: list[tuple[MetricSpec, dict[str, float]]], results: dict, task: str, dataset: DatasetInfo
+    rows: list[tuple[MetricSpec, dict[str, float]]],
+    results: dict,
+    task: str,
+    dataset: DatasetInfo,
+    test_split: str = "test",
 ) -> list[EvalResult]:
-    """Turn this model's values into model-index entries, each with its dataset, split and metric config."""
+    """Turn this model's values into model-index entries, each with its dataset, split and metric config.
+
+    `test_split` replaces the split `"test"` of the metrics, so a subset can be named, e.g. `"test[:2000]"`.
+    """
     eval_results = []
     for metric, values in rows:
         if "this model" not in values:
@@ -273,7 +378,7 @@ def build_eval_results(
                 dataset_type=dataset.hub_id,
                 dataset_name=dataset.name,
                 dataset_config=dataset.config,
-                dataset_split=metric.split,
+                dataset_split=test_split if metric.split == "test" else metric.split,
                 metric_type=metric.metric_type,
                 metric_name=metric.name,
                 metric_value=round(float(values["this model"]), 4),
@@ -296,6 +401,11 @@ def write_model_card(
     repo_id: str | None = None,
     metrics: Sequence[MetricSpec] | None = None,
     license: str | None = None,
+    language: Sequence[str] | None = None,
+    example: tuple[str, str] | None = None,
+    results_note: str = "",
+    test_subset: str | None = None,
+    test_split: str = "test",
     template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
     """
@@ -306,6 +416,12 @@ def write_model_card(
     the test metrics of this model; `baseline_results` (optional) are those of the same network with
     `bottleneck_type="none"`, shown side by side. `metrics` defaults to the head's list in [`HEAD_CARDS`];
     `repo_id` (default `<namespace>/<model_name>`) appears in the load snippets.
+
+    `language` lists language codes for the metadata; `example` is a `(input, output)` pair produced by the model,
+    shown with the pipeline call; `results_note` adds sentences on how the results were measured. `test_subset`
+    describes the evaluation data when it is not the whole test set (see [`describe_test_subset`]), and
+    `test_split` names it in the model index, e.g. `"test[:2000]"`. Absolute paths in `training_arguments` and
+    `dataset_name` are shortened, so the card records no folder of the training machine.
     """
     output_dir = Path(output_dir)
     template_path = Path(template_path)
@@ -328,7 +444,7 @@ def write_model_card(
     if baseline_results is not None:
         columns["without NVC"] = baseline_results
     rows = select_metrics(metrics if metrics is not None else head.metrics, columns, label_free)
-    eval_results = build_eval_results(rows, results, task, dataset)
+    eval_results = build_eval_results(rows, results, task, dataset, test_split)
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -337,11 +453,18 @@ def write_model_card(
         datasets=[dataset.hub_id],
         license=license or dataset.licence,
         model_name=model_name,
+        language=list(language) if language else None,
         eval_results=eval_results or None,
     )
 
     model_class = model_auto_class(saved_config)
     processor_class = processor_auto_class(output_dir)
+    if model_class is None:
+        usage_with_package = "\n".join(class_loading_lines(repo_id, saved_config, remote_code=False))
+        usage_remote_code = "\n".join(class_loading_lines(repo_id, saved_config, remote_code=True))
+    else:
+        usage_with_package = usage_snippet(repo_id, head, model_class, processor_class, False, example)
+        usage_remote_code = usage_snippet(repo_id, head, model_class, processor_class, True, example)
     anchor_health = {
         key.removeprefix("final_"): _format(value) for key, value in results.items() if key.startswith("final_")
     }
@@ -360,28 +483,33 @@ def write_model_card(
             "with the `nvc_hf` package."
         ),
         num_anchors=config.num_anchors,
-        usage_with_package=usage_snippet(repo_id, head, model_class, processor_class, remote_code=False),
-        usage_remote_code=usage_snippet(repo_id, head, model_class, processor_class, remote_code=True),
+        usage_with_package=usage_with_package,
+        usage_remote_code=usage_remote_code,
         nvc_settings=config.nvc_settings(),
         anchor_health=anchor_health,
         results_note=" ".join(
             part
             for part in (
-                f"Measured on the {dataset.name} test set" + (f" after {run_summary}." if run_summary else "."),
+                f"Measured on {test_subset or 'the test set'} of {dataset.name}"
+                + (f" after {run_summary}." if run_summary else "."),
+                results_note,
                 head.results_note,
             )
             if part
         ),
         result_columns=list(columns),
         result_rows=[
-            {"name": metric.name, "split": metric.split, "values": [_format(values.get(c, "-")) for c in columns]}
+            {
+                "name": metric.name,
+                "split": test_split if metric.split == "test" else metric.split,
+                "values": [_format(values.get(c, "-")) for c in columns],
+            }
             for metric, values in rows
         ],
         plot_file=PLOT_FILE if (output_dir / PLOT_FILE).exists() else None,
         training_summary=(
-            "Arguments of the training run (also in `training_args.json`):\n\n```json\n"
-            + json.dumps(training_arguments, indent=2)
-            + "\n```"
+            "Arguments of the training run (also in `training_args.json`, which keeps the local paths):\n\n"
+            "```json\n" + json.dumps(redact_local_paths(training_arguments), indent=2) + "\n```"
         ),
         data_note=dataset.description,
         limitations=head.limitations + " Figures come from one training run and one seed unless stated otherwise.",
@@ -425,4 +553,12 @@ def check_model_card(path: str | Path) -> list[str]:
     return problems
 
 
-__all__ = ["DatasetInfo", "HeadCard", "MetricSpec", "check_model_card", "write_model_card"]
+__all__ = [
+    "DatasetInfo",
+    "HeadCard",
+    "MetricSpec",
+    "check_model_card",
+    "describe_test_subset",
+    "redact_local_paths",
+    "write_model_card",
+]

@@ -43,10 +43,12 @@ def write_point_model_card(
     completion: bool = False,
     baseline_results: dict | None = None,
     model_name: str | None = None,
+    test_subset: str | None = None,
 ) -> ModelCard:
     """Render the model card of a trained point-cloud model into `output_dir/README.md` and return it.
 
     `completion` marks a model trained on partial clouds; its Chamfer rows then describe shape completion.
+    `test_subset` describes the evaluation clouds when they are not the whole test split.
     """
     dataset = MODELNET10 if "modelnet10" in dataset_name.lower() else dataset_name
     arguments = {**training_arguments, "completion": completion}
@@ -61,4 +63,5 @@ def write_point_model_card(
         baseline_results=baseline_results,
         model_name=model_name,
         metrics=POINT_METRICS,
+        test_subset=test_subset,
     )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .configuration_nvc_point import NVCPointConfig
@@ -300,6 +301,25 @@ class NVCForPointCloudClassification(NVCPointPreTrainedModel):
     @property
     def bottleneck(self) -> NVCBottleneck:
         return self.nvc.bottleneck
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """
+        Save like [`~PreTrainedModel.save_pretrained`], with `auto_map` mapping `AutoModel` to [`NVCPointModel`].
+
+        transformers has no Auto class for point-cloud classification. `AutoModel` therefore loads the base model
+        from this folder, with or without this package, as it does for every transformers model. The code of this
+        head is copied into the folder as well, for loading it with `get_class_from_dynamic_module`.
+        """
+        # NVCPointModel is registered for `AutoModel` by the package, or by transformers after a remote-code load.
+        registered = NVCPointModel._auto_class is not None
+        if registered:
+            module = NVCPointModel.__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = f"{module}.{NVCPointModel.__name__}"
+            self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if registered:
+            custom_object_save(self, save_directory)
 
     def forward(
         self,

@@ -127,17 +127,39 @@ def check_code_files(folder: Path, problems: list[str]) -> list[str]:
     return sorted(f"{module}.py" for module in seen)
 
 
+def architecture_reference(folder: Path, config: dict) -> str | None:
+    """Find the `module.Class` reference of the saved architecture; return `None` when no code file defines it.
+
+    Usually an `auto_map` entry names it. A head without an Auto class of its own, such as the point-cloud
+    classifier, is found in the module of the folder's `AutoModel` entry.
+    """
+    architecture = config["architectures"][0]
+    references = _auto_map_modules(config.get("auto_map") or {})
+    for reference in references:
+        if reference.endswith("." + architecture):
+            return reference
+    for reference, auto_class in references.items():
+        module = reference.rsplit(".", 1)[0]
+        code_file = folder / f"{module}.py"
+        if auto_class == "AutoModel" and "--" not in module and code_file.is_file():
+            tree = ast.parse(code_file.read_text(), filename=str(code_file))
+            if any(isinstance(node, ast.ClassDef) and node.name == architecture for node in tree.body):
+                return f"{module}.{architecture}"
+    return None
+
+
 def check_weights_load(folder: Path, config: dict, problems: list[str]) -> int:
     """Load the model with the folder's own code, as `trust_remote_code=True` does; return its parameter count."""
     import torch
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     architecture = config["architectures"][0]
-    reference = next(
-        (ref for ref in _auto_map_modules(config.get("auto_map") or {}) if ref.endswith("." + architecture)), None
-    )
+    reference = architecture_reference(folder, config)
     if reference is None:
-        problems.append(f"config.json auto_map has no entry for its architecture {architecture!r}.")
+        problems.append(
+            f"No code file in the folder defines the architecture {architecture!r} (config.json auto_map does not "
+            "name it); save the model with the nvc_hf classes registered."
+        )
         return 0
     try:
         model_class = get_class_from_dynamic_module(reference, str(folder))

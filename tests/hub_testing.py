@@ -224,11 +224,15 @@ def hub_environment(endpoint: str | None, hf_home: Path, offline: bool = False, 
 def run_python(
     script: str, environment: dict, cwd: Path, with_package: bool = True, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run `script` in a new Python process from `cwd`; with `check`, fail the test if it exits non-zero."""
+    """Run `script` in a new Python process from `cwd`; with `check`, fail the test if it exits non-zero.
+
+    Standard input is closed, as in CI, so a prompt such as transformers' remote-code question cannot wait for input.
+    """
     if not with_package:
         script = BLOCK_PACKAGE_IMPORT + script
     result = subprocess.run(
         [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
         cwd=cwd,
         env=environment,
         capture_output=True,

@@ -70,6 +70,17 @@ def test_validate_trained_folder():
     assert summary.num_parameters > 100_000
 
 
+def test_validate_point_folder():
+    from hub_head_cases import trained_point_folder
+
+    summary = validate_model_folder(trained_point_folder())
+
+    assert summary.model_type == "nvc-point"
+    assert summary.architecture == "NVCForPointCloudClassification"
+    assert "modeling_nvc_point.py" in summary.code_files
+    assert summary.num_parameters > 10_000
+
+
 def break_weights_missing(folder):
     (folder / "model.safetensors").unlink()
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
 import numpy as np
 import pytest
+from hub_head_cases import HEAD_CASES
 from hub_testing import (
     OlahServer,
     git,
@@ -48,6 +50,18 @@ for name, revision in {revisions!r}.items():
 """
 
 
+def run_publish_command(
+    folder: Path, repo_id: str, stand_in: HubUploadStandIn, hf_home: Path, workdir: Path
+) -> subprocess.CompletedProcess:
+    """Run `nvc-publish FOLDER REPO_ID --commit-message ...` against the upload stand-in in a new process."""
+    environment = hub_environment(stand_in.endpoint, hf_home)
+    environment["HF_TOKEN"] = TOKEN
+    arguments = [str(folder), repo_id, "--commit-message", COMMIT_MESSAGE]
+    # The same entry point as the `nvc-publish` console script.
+    command = f"import sys\nfrom nvc_hf.publish import main\nsys.exit(main({arguments!r}))"
+    return run_python(command, environment, workdir)
+
+
 @dataclass
 class Published:
     folder: Path
@@ -70,12 +84,7 @@ def published(tmp_path_factory):
 
     server = OlahServer(root / "olah")
     with HubUploadStandIn(server.mirrors_path, TOKEN, namespaces=("nvc-test",)) as stand_in:
-        environment = hub_environment(stand_in.endpoint, root / "hf-home-publish")
-        environment["HF_TOKEN"] = TOKEN
-        arguments = [str(folder), REPO_ID, "--commit-message", COMMIT_MESSAGE]
-        # The same entry point as the `nvc-publish` console script.
-        command = f"import sys\nfrom nvc_hf.publish import main\nsys.exit(main({arguments!r}))"
-        result = run_python(command, environment, workdir)
+        result = run_publish_command(folder, REPO_ID, stand_in, root / "hf-home-publish", workdir)
         server.start(REPO_ID)
         try:
             yield Published(folder, server, stand_in, result.stdout, workdir)
@@ -139,3 +148,32 @@ def test_private_branch_publish(published, monkeypatch):
     assert creates[-1].get("private") is True or creates[-1].get("visibility") == "private", creates[-1]
     assert published.server.revision_info(repo_id, "dev")["sha"] == sha
     assert published.server.revision_info(repo_id, "main")["sha"] != sha, "the upload went to main, not to dev"
+
+
+@pytest.mark.parametrize("head", sorted(HEAD_CASES))
+def test_publish_round_trip(head, tmp_path):
+    case = HEAD_CASES[head]
+    folder = case.train()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    server = OlahServer(tmp_path / "olah")
+    with HubUploadStandIn(server.mirrors_path, TOKEN, namespaces=("nvc-test",)) as stand_in:
+        result = run_publish_command(folder, case.repo_id, stand_in, tmp_path / "hf-home-publish", workdir)
+    repo = server.repo_path(case.repo_id)
+    sha = git(repo, "rev-parse", "main")
+    committed = set(git(repo, "ls-tree", "-r", "--name-only", "main").splitlines())
+
+    assert result.stdout.strip() == f"Published {folder} to {case.repo_id} at commit {sha}."
+    assert committed == {path.name for path in folder.iterdir() if path.is_file()}
+    assert git(repo, "log", "-1", "--format=%s", "main") == COMMIT_MESSAGE
+
+    # Download the published model back through olah, as a user without the package, pinned to the commit.
+    case.write_inputs(folder, workdir)
+    expected = case.expected_outputs(folder, workdir)
+    server.start(case.repo_id)
+    try:
+        environment = hub_environment(server.endpoint, tmp_path / "hf-home", with_package=False)
+        run_python(case.load_script({"pinned": sha}, True, case.repo_id), environment, workdir, with_package=False)
+    finally:
+        server.stop()
+    case.assert_outputs_equal(workdir, "pinned", expected)

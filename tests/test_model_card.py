@@ -7,11 +7,11 @@ import math
 import shutil
 
 import pytest
-from hub_testing import trained_image_folder
+from hub_testing import REPOSITORY_ROOT, trained_image_folder
 from huggingface_hub import ModelCard
 
 from nvc_hf import NVCConfig, NVCVisionConfig
-from nvc_hf.model_card import MetricSpec, check_model_card, write_model_card
+from nvc_hf.model_card import MetricSpec, check_model_card, describe_test_subset, write_model_card
 
 
 REPO_ID = "nvc-test/mnist-nvc"
@@ -42,7 +42,7 @@ def test_training_card_metadata():
         assert result.metric_type, result
         assert result.dataset_type == "mnist", result
         assert result.dataset_name == "MNIST", result
-        assert result.dataset_split == "test", result
+        assert result.dataset_split == "test[:256]", result
     values = {result.metric_name: result.metric_value for result in data.eval_results}
     assert values["Accuracy"] == round(results["accuracy"], 4)
     assert values["NMI of k-means on latent means"] == round(results["kmeans_nmi"], 4)
@@ -161,3 +161,53 @@ def test_check_reports_missing_metadata(model_folder):
 
     assert any("'library_name'" in problem for problem in problems), problems
     assert any("do not include 'nvc'" in problem for problem in problems), problems
+
+
+def test_card_states_test_subset():
+    card = ModelCard.load(trained_image_folder() / "README.md")
+    table_rows = [line for line in card.text.splitlines() if line.startswith("| Accuracy |")]
+
+    assert "Measured on the first 256 of 10,000 test images of MNIST" in card.text
+    assert {result.dataset_split for result in card.data.eval_results} == {"test[:256]"}
+    assert table_rows == [table_rows[0]] and table_rows[0].startswith("| Accuracy | test[:256] |")
+
+
+def test_card_records_no_local_path():
+    folder = trained_image_folder()
+    text = (folder / "README.md").read_text()
+
+    assert str(folder) not in text
+    assert str(REPOSITORY_ROOT) not in text
+    assert '"dataset": "data/mnist"' in text
+    assert f'"output_dir": "<local>/{folder.name}"' in text
+
+
+def test_local_dataset_path_named_by_folder(model_folder, tmp_path):
+    config = NVCVisionConfig.from_pretrained(model_folder)
+    results = json.loads((model_folder / "results.json").read_text())["test"]
+    dataset_folder = tmp_path / "private" / "digits-v2"
+    arguments = {"image": {"dataset": str(dataset_folder)}, "files": f"{dataset_folder}/a.txt,{dataset_folder}/b.txt"}
+
+    write_model_card(model_folder, config, "image-classification", str(dataset_folder), results, arguments)
+    card = ModelCard.load(model_folder / "README.md")
+
+    assert str(tmp_path) not in card.content
+    assert card.data.datasets == ["digits-v2"]
+    assert '"files": "<local>/a.txt,<local>/b.txt"' in card.text
+
+
+@pytest.mark.parametrize(
+    "used, total, selection, expected",
+    [
+        (10000, 10000, "first", "all 10,000 test images"),
+        (2000, 10000, "first", "the first 2,000 of 10,000 test images"),
+        (100, 908, "random", "a seeded random sample of 100 of 908 test images"),
+    ],
+)
+def test_describe_test_subset(used, total, selection, expected):
+    assert describe_test_subset(used, total, "images", selection) == expected
+
+
+def test_describe_test_subset_rejects_empty():
+    with pytest.raises(ValueError, match="used=0; it must be between 1 and 10 examples"):
+        describe_test_subset(0, 10, "images")

@@ -90,13 +90,26 @@ def test_output_folder_is_hub_ready(trained_folder):
     config = json.loads((trained_folder / "config.json").read_text())
     assert config["model_type"] == "nvc-point"
     assert config["id2label"]["2"] == "chair"
-    assert config["auto_map"]["AutoModel"] == "modeling_nvc_point.NVCForPointCloudClassification"
+    assert config["architectures"] == ["NVCForPointCloudClassification"]
+    assert config["auto_map"]["AutoModel"] == "modeling_nvc_point.NVCPointModel"
     for reference in config["auto_map"].values():
         assert (trained_folder / f"{reference.split('.')[0]}.py").exists(), reference
     assert (trained_folder / "nebula.py").exists()
     card = (trained_folder / "README.md").read_text()
     assert "academic research only" in card
     assert "Chamfer distance, completion" in card
+    assert 'model = nvc_hf.NVCForPointCloudClassification.from_pretrained("<namespace>/' in card
+    assert 'get_class_from_dynamic_module("modeling_nvc_point.NVCForPointCloudClassification", "<namespace>/' in card
+
+
+def test_card_states_test_sample(trained_folder):
+    _, test_labels, _, _ = load_modelnet(SUBSET, "test")
+    card = (trained_folder / "README.md").read_text()
+
+    expected = f"a seeded random sample of 100 of {len(test_labels)} test clouds in {SUBSET.name} of ModelNet10"
+    assert expected in card
+    assert str(trained_folder) not in card
+    assert str(REPOSITORY_ROOT) not in card
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -213,14 +226,21 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
     import numpy as np, torch
     from transformers import AutoModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     folder, points_path, output_path = sys.argv[1:4]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    points = torch.from_numpy(np.load(points_path))
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    head_class = get_class_from_dynamic_module("modeling_nvc_point.NVCForPointCloudClassification", folder)
+    model = head_class.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        outputs = model(points=torch.from_numpy(np.load(points_path)))
+        outputs = model(points=points)
+        base_outputs = base(points=points)
     np.save(output_path, outputs.logits.numpy())
     np.save(output_path.replace(".npy", "-reconstruction.npy"), outputs.reconstruction.numpy())
-    print(json.dumps({"model": type(model).__module__, "name": type(model).__name__}))
+    np.save(output_path.replace(".npy", "-base-mean.npy"), base_outputs.mean.numpy())
+    names = {"model": type(model).__module__, "name": type(model).__name__, "base": type(base).__name__}
+    print(json.dumps(names))
     """
 )
 
@@ -249,9 +269,21 @@ def test_remote_code_loads_without_package(trained_folder, tmp_path):
     loaded = json.loads(completed.stdout.strip().splitlines()[-1])
     assert loaded["model"].startswith("transformers_modules")
     assert loaded["name"] == "NVCForPointCloudClassification"
+    assert loaded["base"] == "NVCPointModel"
 
     model = NVCForPointCloudClassification.from_pretrained(trained_folder, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = model(points=torch.from_numpy(points))
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected.logits.numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "out-reconstruction.npy"), expected.reconstruction.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "out-base-mean.npy"), expected.mean.numpy())
+
+
+def test_auto_model_gives_base_model_with_package(trained_folder):
+    from transformers import AutoModel
+
+    from nvc_hf import NVCPointModel
+
+    for trust_remote_code in (False, True):
+        model = AutoModel.from_pretrained(trained_folder, trust_remote_code=trust_remote_code)
+        assert type(model) is NVCPointModel, (trust_remote_code, type(model))

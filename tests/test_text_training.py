@@ -36,19 +36,70 @@ def test_training_script_writes_model_folder():
 
 
 def test_model_card_reports_scores():
+    import math
+
     from huggingface_hub import ModelCard
+
+    from nvc_hf.model_card import check_model_card
 
     folder = trained_text_folder()
     card = ModelCard.load(folder / "README.md")
     results = json.loads((folder / "results.json").read_text())["test"]
     evaluations = card.data.eval_results
+    assert card.data.pipeline_tag == "translation"
+    assert card.data.language == ["de", "en"]
+    assert card.data.datasets == ["multi30k"]
     assert [entry.metric_type for entry in evaluations] == ["bleu", "chrf"]
-    assert evaluations[0].metric_value == round(results["bleu"], 2)
+    for entry in evaluations:
+        assert isinstance(entry.metric_value, float) and math.isfinite(entry.metric_value), entry
+        assert entry.dataset_type == "multi30k", entry
+        assert entry.dataset_name == "Multi30k", entry
+        assert entry.dataset_config == "de-en", entry
+    assert evaluations[0].metric_value == round(results["bleu"], 4)
+    assert evaluations[1].metric_value == round(results["chrf"], 4)
     assert evaluations[0].metric_config == results["bleu_signature"]
     assert evaluations[1].metric_config == results["chrf_signature"]
-    assert "`latent_size` | `32`" in card.text
-    assert "Ein Mann mit einem orangefarbenen Hut" in card.text
-    assert "Flickr Terms of Use" in card.text
+    assert check_model_card(folder / "README.md") == []
+
+
+def test_model_card_body():
+    folder = trained_text_folder()
+    text = (folder / "README.md").read_text()
+    first_translation = (folder / "test_translations.txt").read_text().splitlines()[0]
+    (first_source,), _ = multi30k_pairs("test", 1)
+
+    assert "| `latent_size` | `32` |" in text
+    assert "| `bottleneck_level` | `token` |" in text
+    assert f"print(pipe({first_source!r}))" in text
+    assert f"# {first_translation}" in text
+    assert "pipeline_class=nvc_hf.NVCTranslationPipeline)" in text
+    assert 'pipeline("translation", model="<namespace>/' in text
+    assert "AutoModelForSeq2SeqLM.from_pretrained(" in text
+    assert "AutoTokenizer.from_pretrained(" in text
+    assert 'trust_remote_code=True, revision="<commit sha>"' in text
+    assert "Flickr Terms of Use" in text
+    assert "non-commercial research" in text
+    assert "@article{wang2024nebula" in text
+
+
+def test_model_card_states_test_subset():
+    from huggingface_hub import ModelCard
+
+    folder = trained_text_folder()
+    card = ModelCard.load(folder / "README.md")
+
+    assert "the first 20 of 1,000 test sentences" in card.text
+    assert {entry.dataset_split for entry in card.data.eval_results} == {"test[:20]"}
+    assert "| BLEU | test[:20] |" in card.text
+
+
+def test_model_card_records_no_local_path():
+    folder = trained_text_folder()
+    text = (folder / "README.md").read_text()
+
+    assert str(folder) not in text
+    assert str(REPOSITORY_ROOT) not in text
+    assert '"dataset": "data/multi30k"' in text
 
 
 def test_training_script_rejects_misaligned_files(tmp_path):

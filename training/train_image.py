@@ -47,7 +47,7 @@ from loop import (  # noqa: E402
 from nvc_hf import NVCForImageClassification, NVCImageProcessor, NVCVisionConfig  # noqa: E402
 from nvc_hf.data import load_image_splits  # noqa: E402
 from nvc_hf.evaluation import accuracy, cluster_metrics, plot_latents  # noqa: E402
-from nvc_hf.model_card import write_model_card  # noqa: E402
+from nvc_hf.model_card import describe_test_subset, write_model_card  # noqa: E402
 
 
 logger = get_logger(__name__)
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
             title=f"Test latents (PCA), bottleneck_type={config.bottleneck_type}",
         )
         arguments = {"image": asdict(image_args), "nvc": asdict(nvc_args), "training": asdict(training_args)}
+        num_test = len(splits["test"][1])
         (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
         (output_dir / "results.json").write_text(json.dumps({"test": results, "validation": history}, indent=2))
         write_model_card(
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
             results=results,
             training_arguments=arguments,
             label_free=image_args.label_free,
+            test_subset=describe_test_subset(num_test, splits["test_size"], "images"),
+            test_split="test" if num_test == splits["test_size"] else f"test[:{num_test}]",
         )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")

@@ -47,6 +47,7 @@ from loop import (  # noqa: E402
 from nvc_hf import NVCForPointCloudClassification, NVCPointConfig  # noqa: E402
 from nvc_hf.data.pointclouds import augment_clouds, crop_clouds, load_modelnet_splits  # noqa: E402
 from nvc_hf.evaluation import accuracy, cluster_metrics, plot_latents  # noqa: E402
+from nvc_hf.model_card import describe_test_subset  # noqa: E402
 from nvc_hf.model_card_points import write_point_model_card  # noqa: E402
 from nvc_hf.modeling_nvc_point import chamfer_distance  # noqa: E402
 
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
             label_free=point_args.label_free,
             completion=point_args.completion,
             baseline_results=baseline_results,
+            test_subset=describe_test_subset(
+                len(splits["test"][1]), splits["test_size"], f"clouds in {Path(point_args.dataset).name}", "random"
+            ),
         )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")

@@ -52,6 +52,7 @@ from loop import (  # noqa: E402
 from nvc_hf import NVCForConditionalGeneration, NVCTextConfig, NVCTranslationPipeline  # noqa: E402
 from nvc_hf.data.parallel_text import load_dataset_pairs, load_multi30k, read_parallel_files  # noqa: E402
 from nvc_hf.data.subword import train_joint_tokenizer  # noqa: E402
+from nvc_hf.model_card import describe_test_subset  # noqa: E402
 from nvc_hf.model_card_text import write_translation_model_card  # noqa: E402
 
 
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data and tokenizer. The tokenizer is trained on the training split only (same result on every process).
     splits = load_pairs(text_args)
+    full_test_size = len(splits["test"][0])
     if text_args.max_train_samples is not None:
         splits["train"] = tuple(side[: text_args.max_train_samples] for side in splits["train"])
     if text_args.max_eval_samples is not None:
@@ -465,6 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
             example=(splits["test"][0][0], hypotheses[0]),
             source_lang=text_args.source_lang,
             target_lang=text_args.target_lang,
+            test_subset=describe_test_subset(len(hypotheses), full_test_size, "sentences"),
+            test_split="test" if len(hypotheses) == full_test_size else f"test[:{len(hypotheses)}]",
         )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")

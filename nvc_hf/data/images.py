@@ -62,7 +62,8 @@ def load_image_splits(
     """Load training, validation and test images as `float32` arrays `(n, channels, height, width)` in [0, 1].
 
     The validation split is a seeded random subset of the training set; the test set is kept for the final
-    evaluation. Returns `{"train": (images, labels), "validation": ..., "test": ..., "label_names": [...]}`.
+    evaluation, cut to its first `max_eval_samples` images if given. Returns `{"train": (images, labels),
+    "validation": ..., "test": ..., "label_names": [...], "test_size": <images in the whole test split>}`.
     """
     path = Path(dataset)
     if _is_mnist_folder(path):
@@ -86,6 +87,7 @@ def load_image_splits(
     if max_train_samples is not None:
         train_index = train_index[:max_train_samples]
     test_images, test_labels = arrays["test"]
+    test_size = len(test_labels)
     if max_eval_samples is not None:
         validation_index = validation_index[:max_eval_samples]
         test_images, test_labels = test_images[:max_eval_samples], test_labels[:max_eval_samples]
@@ -95,4 +97,5 @@ def load_image_splits(
         "validation": (train_images[validation_index], train_labels[validation_index]),
         "test": (test_images, test_labels),
         "label_names": label_names,
+        "test_size": test_size,
     }

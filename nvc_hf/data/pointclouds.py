@@ -204,7 +204,8 @@ def load_modelnet_splits(
 
     The validation split is a seeded random `validation_fraction` of the training split; the test split is kept for the final
     evaluation. `max_eval_samples` keeps that many validation clouds and a seeded random sample of as many test clouds.
-    Returns `{"train": (clouds, labels), "validation": ..., "test": ..., "label_names": [...]}`.
+    Returns `{"train": (clouds, labels), "validation": ..., "test": ..., "label_names": [...], "test_size": <clouds in
+    the whole test split>}`.
     """
     train_clouds, train_labels, label_names, _ = load_modelnet(path, "train", expected_points)
     test_clouds, test_labels, test_names, _ = load_modelnet(path, "test", expected_points)
@@ -221,6 +222,7 @@ def load_modelnet_splits(
     validation_index, train_index = order[:validation_size], order[validation_size:]
     if max_train_samples is not None:
         train_index = train_index[:max_train_samples]
+    test_size = len(test_labels)
     if max_eval_samples is not None:
         # The files are sorted by class, so the test subset is a seeded random sample rather than the first clouds.
         validation_index = validation_index[:max_eval_samples]
@@ -231,6 +233,7 @@ def load_modelnet_splits(
         "validation": (normalize_clouds(train_clouds[validation_index]), train_labels[validation_index]),
         "test": (normalize_clouds(test_clouds), test_labels),
         "label_names": label_names,
+        "test_size": test_size,
     }
 
 
