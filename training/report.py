@@ -153,8 +153,9 @@ def task_section(task: str, records: list[dict], figures_dir: Path, output: Path
     lines.append(
         f"Hardware: {first['hardware']['processor']} ({first['hardware']['cpu_count']} cores, "
         f"{first['torch_threads']} torch thread(s) per run), GPU: {first['hardware']['gpu'] or 'none'}; "
-        f"torch {first['versions']['torch']}, transformers {first['versions']['transformers']}; code at commit "
-        f"`{(first['git_commit'] or 'unknown')[:10]}`; last run finished {max(r['finished_at'] for r in records)}."
+        f"torch {first['versions']['torch']}, transformers {first['versions']['transformers']}; code at commit(s) "
+        + ", ".join(sorted({f"`{(record['git_commit'] or 'unknown')[:10]}`" for record in records}))
+        + f"; last run finished {max(r['finished_at'] for r in records)}."
     )
     lines.append("")
 
@@ -179,6 +180,14 @@ def task_section(task: str, records: list[dict], figures_dir: Path, output: Path
         row = f"| ({variant}) {VARIANTS[variant][0]} | `{arguments}` | {len(runs)} | " + " | ".join(cells)
         lines.append(row + f" | {minutes:.1f} |")
     lines.append("")
+
+    if any(metric.startswith("kmeans_") for metric in metrics):
+        lines.append(
+            "The k-means columns cluster the test latent means into as many clusters as the variant has anchors, or "
+            "into as many as there are classes for variants without anchors; compare them only between variants "
+            "with the same number of clusters."
+        )
+        lines.append("")
 
     # Paired differences to (a).
     if "a" in by_variant and len(variants) > 1:
