@@ -186,7 +186,7 @@ def test_beam_search_matches_full_cache_reorder(monkeypatch):
 
 def test_encoder_without_loss_keeps_outputs():
     torch.manual_seed(0)
-    model = NVCTextModel(tiny_config(anchor_warmup_steps=0)).eval()
+    model = NVCTextModel(tiny_config(anchor_warmup_steps=0, bottleneck_level="token")).eval()
     model.bottleneck.initialize_anchors(torch.randn(64, 32))
     # More unpadded tokens than metric_max_samples, so the metric loss draws a random subset.
     batch = real_batch(60)

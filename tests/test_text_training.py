@@ -69,7 +69,7 @@ def test_model_card_body():
     (first_source,), _ = multi30k_pairs("test", 1)
 
     assert "| `latent_size` | `32` |" in text
-    assert "| `bottleneck_level` | `token` |" in text
+    assert "| `bottleneck_level` | `sentence` |" in text
     assert f"print(pipe({first_source!r}))" in text
     assert f"# {first_translation}" in text
     assert "pipeline_class=nvc_hf.NVCTranslationPipeline)" in text
