@@ -217,9 +217,11 @@ def task_section(task: str, records: list[dict], figures_dir: Path, output: Path
                 )
                 cells.append(f"{difference['mean']:+.4f}{interval}")
                 if metric == spec.metrics[0]:
+                    sign = -1 if metric in LOWER_IS_BETTER else 1
+                    wins = sum((ours[seed] - base[seed]) * sign > 0 for seed in ours.keys() & base.keys())
                     verdicts.append(
-                        f"- ({variant}) {VARIANTS[variant][0]}: {METRIC_NAMES[metric]}: {verdict(metric, difference)} "
-                        f"(paired seeds: {difference['n']})."
+                        f"- ({variant}) {VARIANTS[variant][0]}: {METRIC_NAMES[metric]}: {verdict(metric, difference)}; "
+                        f"better than (a) in {wins} of {difference['n']} paired seeds."
                     )
             lines.append(f"| ({variant}) | " + " | ".join(cells) + " |")
         lines.append("")
