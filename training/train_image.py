@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                 outputs = model(pixel_values=pixel_values, labels=None if image_args.label_free else labels)
                 if not torch.isfinite(outputs.loss):
                     raise FloatingPointError(
-                        f"The training loss became {float(outputs.loss)} at step {global_step}; lower "
+                        f"The training loss became {outputs.loss.item()} at step {global_step}; lower "
                         "--learning_rate or the loss weights. No checkpoint is written from this state."
                     )
                 accelerator.backward(outputs.loss)
