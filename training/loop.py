@@ -322,6 +322,18 @@ def resume_from_checkpoint(
     return int(state["global_step"]), int(state["epoch"])
 
 
+def end_training(accelerator: Accelerator) -> None:
+    """Close trackers and shut the process group down while Python still runs.
+
+    Left to interpreter exit, the gloo process group's destructor joins its worker thread while holding the GIL
+    that the thread waits for, and a finished CPU run with several processes could hang there.
+    """
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def mean_loss_terms(outputs, names: tuple[str, ...]) -> dict[str, float]:
     """Pick the scalar loss terms `names` from a model output, skipping absent ones."""
     terms = {}

@@ -35,6 +35,7 @@ from loop import (  # noqa: E402
     check_output_dir,
     create_accelerator,
     create_optimizer_and_scheduler,
+    end_training,
     find_bottleneck,
     mean_loss_terms,
     parse_arguments,
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         logger.info(f"test results: {json.dumps(results)}")
         logger.info(f"Model folder written to {output_dir}")
-    accelerator.end_training()
+    end_training(accelerator)
     return results
 
 
