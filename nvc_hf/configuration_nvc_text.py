@@ -46,9 +46,9 @@ class NVCTextConfig(NVCConfig):
             reads the token states. `"token"`: every unpadded encoder state is mapped to a latent, and the decoder
             attends only to the latents (projected back to `d_model`), so all source information passes the
             bottleneck and the anchors cluster subword contexts. The default is `"sentence"` because the token
-            variant starved the decoder on Multi30k: the KL term charges about 2 nats per latent dimension a token
-            uses, so the encoder kept only 5 to 6 nats per token before the anchors were set, and after 250 steps
-            the validation BLEU was 0.6 against 13.6 without NVC (see docs/BENCHMARKS.md).
+            variant starved the decoder on Multi30k. The KL term costs about 2 nats for each latent dimension a
+            token uses, so the encoder kept only 5 to 6 nats per token before the anchors were set. After 250
+            steps the validation BLEU was 0.6, against 13.6 without NVC (details in docs/BENCHMARKS.md).
         label_smoothing (`float`, *optional*, defaults to 0.0):
             Label smoothing of the token cross-entropy.
         latent_size (`int`, *optional*, defaults to 256):

@@ -1,7 +1,6 @@
 """Bad input for all three heads, one row per case: configs, tensors and files.
 
-Every error row asserts the exact exception type and that the message names the offending value and says what to
-do. Rows that expect correct handling (a cast, a finite loss) assert the result instead.
+Every error row asserts the exact exception type and that the message names the offending value and the fix. Rows that expect correct handling (a cast, a finite loss) assert the result instead.
 """
 
 from __future__ import annotations

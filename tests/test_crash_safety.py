@@ -82,7 +82,7 @@ def test_killed_writer_keeps_previous_checkpoint(tmp_path, moment):
     assert not (tmp_path / "checkpoint-2").exists()
     assert loop.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-1"]
 
-    # The surviving checkpoint loads and holds the step-1 weights, not the half-written step-2 ones.
+    # The surviving checkpoint loads and contains the step-1 weights, not the half-written step-2 ones.
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

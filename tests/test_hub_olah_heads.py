@@ -5,7 +5,7 @@ and with `trust_remote_code=True` in a process where `nvc_hf` cannot be imported
 commit sha. A second load reads the cache with the server stopped and `HF_HUB_OFFLINE=1`. Every load must reproduce
 the original model's outputs bit for bit (for translation: the generated ids and the logits).
 
-olah 0.5.4 answers 401 for a path missing from the repository at a branch such as `main` (404 at a commit sha), and
+olah 0.5.4 returns 401 for a path missing from the repository at a branch such as `main` (404 at a commit sha), and
 AutoTokenizer lists the optional `additional_chat_templates/` folder, so the translation loads pass the sources
 already tokenised. The tokenizer and the translation pipeline from the Hub id are shown working offline from the
 cache, and online pinned to the commit sha.
@@ -136,7 +136,7 @@ class MissingPathAnswered401(Exception):
 BRANCH_401 = pytest.mark.xfail(
     raises=MissingPathAnswered401,
     strict=True,
-    reason="olah 0.5.4 answers 401 RepoNotFound when AutoTokenizer lists the missing additional_chat_templates/ "
+    reason="olah 0.5.4 returns 401 RepoNotFound when AutoTokenizer lists the missing additional_chat_templates/ "
     "folder at a branch (at a commit sha it answers 404); transformers 5.25 re-raises the 401, while it tolerates "
     "the 404 of the Hub. Remove this mark when olah answers 404 for missing paths at a branch.",
 )
