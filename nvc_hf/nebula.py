@@ -166,13 +166,16 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_anchor_distances(anchors: torch.Tensor) -> torch.Tensor:
-    """Return the `(m, m)` squared distances between anchors, computed from differences.
+    """Return the `(m, m)` squared distances between anchors `(m, d)`, with an exact zero diagonal.
 
-    Differences (not the expansion of `squared_distances`) give an exact zero and a zero gradient for
-    coincident anchors.
+    This uses the expansion of [`squared_distances`], one `(m, m)` matrix product. The `(m, m, d)` tensor of
+    differences used before made a training step of the bottleneck take 17 ms instead of 4 ms at 300 anchors.
+    Coincident anchors now get a distance of rounding size rather than an exact zero; `eps` in
+    [`inverse_anchor_distance`] keeps their loss finite either way.
     """
-    differences = anchors.unsqueeze(1) - anchors.unsqueeze(0)
-    return differences.pow(2).sum(-1)
+    distances = squared_distances(anchors, anchors)
+    diagonal = torch.eye(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    return distances.masked_fill(diagonal, 0.0)
 
 
 def anchor_masses(
@@ -236,9 +239,9 @@ def nebula_loss(
     num_anchors = anchors.shape[0]
     masses = anchor_masses(distances_to_anchors, assignments, num_anchors, mass_reduction)
     inverse_distances = inverse_anchor_distance(pairwise_anchor_distances(anchors), form, radius, eps)
-    upper = torch.triu(torch.ones(num_anchors, num_anchors, dtype=torch.bool, device=anchors.device), diagonal=1)
     pair_masses = masses.unsqueeze(1) * masses.unsqueeze(0)
-    return (pair_masses * inverse_distances)[upper].sum()
+    # The strict upper triangle holds each pair `i < j` once.
+    return torch.triu(pair_masses * inverse_distances, diagonal=1).sum()
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,16 +256,24 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Te
 
 def _hardest_pairs(latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return, for each row, the largest squared distance to a same-label row, the smallest to another label,
-    and a mask of rows that have both."""
-    distances = squared_distances(latents, latents)
-    same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    not_self = ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-    positives = same & not_self
-    negatives = ~same
+    and a mask of rows that have both.
 
-    hardest_positive = distances.masked_fill(~positives, float("-inf")).amax(1)
-    hardest_negative = distances.masked_fill(~negatives, float("inf")).amin(1)
-    valid = positives.any(1) & negatives.any(1)
+    The hardest partners are chosen without autograd; only the `2 n` chosen distances are then recomputed with
+    gradients, so the backward pass never visits the `(n, n)` distance matrix. The values and gradients are
+    those of taking the maximum and minimum over the matrix.
+    """
+    with torch.no_grad():
+        distances = squared_distances(latents, latents)
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        not_self = ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
+        positives = same & not_self
+        negatives = ~same
+        positive_index = distances.masked_fill(~positives, float("-inf")).argmax(1)
+        negative_index = distances.masked_fill(~negatives, float("inf")).argmin(1)
+        valid = positives.any(1) & negatives.any(1)
+
+    hardest_positive = (latents - latents[positive_index]).pow(2).sum(-1)
+    hardest_negative = (latents - latents[negative_index]).pow(2).sum(-1)
     return hardest_positive, hardest_negative, valid
 
 
@@ -312,6 +323,18 @@ def kmeans(points: torch.Tensor, num_clusters: int, iterations: int, generator: 
         counts = torch.bincount(labels, minlength=num_clusters).unsqueeze(1).to(points.dtype)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
     return centroids
+
+
+def _unpadded(values: torch.Tensor, valid: torch.Tensor | None, leading_dims: int) -> torch.Tensor:
+    """Gather the unpadded positions of `values` `(*leading, ...)` into `(positions, ...)`.
+
+    `valid` is the boolean padding mask of shape `leading` (`leading_dims` dimensions), or `None` when every
+    position is real. Without a mask a reshape is enough, which spares the copy of boolean indexing and its
+    backward scatter.
+    """
+    if valid is None:
+        return values.reshape(-1, *values.shape[leading_dims:])
+    return values[valid]
 
 
 def _distributed() -> bool:
@@ -484,9 +507,9 @@ class NVCBottleneck(nn.Module):
         if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
             hidden_states = hidden_states.to(weight_dtype)
         leading_shape = hidden_states.shape[:-1]
-        if attention_mask is None:
-            valid = torch.ones(leading_shape, dtype=torch.bool, device=hidden_states.device)
-        else:
+        leading_dims = len(leading_shape)
+        valid = None
+        if attention_mask is not None:
             if attention_mask.shape != leading_shape:
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but the features need "
@@ -494,7 +517,7 @@ class NVCBottleneck(nn.Module):
                 )
             valid = attention_mask.bool()
         # Only unpadded positions must be finite: hosts may leave anything at padding.
-        if not torch.isfinite(hidden_states[valid]).all():
+        if not torch.isfinite(_unpadded(hidden_states, valid, leading_dims)).all():
             raise FloatingPointError(
                 "NVCBottleneck received NaN or infinite features: the input or the host network has diverged. "
                 "Check the input values, or lower the learning rate."
@@ -516,23 +539,25 @@ class NVCBottleneck(nn.Module):
         if not return_loss:
             assignments, anchor_distances = self._assign_to_anchors(mean, valid)
             if self.training and assignments is not None:
-                self._record_batch(mean[valid].detach().float(), assignments[valid])
+                self._record_batch(
+                    _unpadded(mean, valid, leading_dims).detach().float(), _unpadded(assignments, valid, leading_dims)
+                )
             return NebulaOutput(
                 latents=latents, mean=mean, logvar=logvar, assignments=assignments, anchor_distances=anchor_distances
             )
 
         # Losses are computed in float32 on the unpadded positions, also under fp16/bf16 autocast.
         zero = mean.new_zeros((), dtype=torch.float32)
-        flat_mean = mean[valid].float()
-        flat_logvar = logvar[valid].float()
-        flat_latents = latents[valid].float()
+        flat_mean = _unpadded(mean, valid, leading_dims).float()
+        flat_logvar = _unpadded(logvar, valid, leading_dims).float()
+        flat_latents = _unpadded(latents, valid, leading_dims).float()
 
         nebula_term = metric_term = zero
         assignments, anchor_distances = self._assign_to_anchors(mean, valid)
         if self.has_anchors:
             anchors = self.anchors.float()
-            flat_distances = anchor_distances[valid]
-            flat_assignments = assignments[valid]
+            flat_distances = _unpadded(anchor_distances, valid, leading_dims)
+            flat_assignments = _unpadded(assignments, valid, leading_dims)
             if self.training:
                 self._record_batch(flat_mean.detach(), flat_assignments)
 
@@ -568,7 +593,7 @@ class NVCBottleneck(nn.Module):
         )
 
     def _assign_to_anchors(
-        self, mean: torch.Tensor, valid: torch.Tensor
+        self, mean: torch.Tensor, valid: torch.Tensor | None
     ) -> tuple[torch.LongTensor | None, torch.FloatTensor | None]:
         """Return the nearest anchor of every mean (`-1` where `valid` is false) and the squared distances to all
         anchors, or `(None, None)` without anchors."""
@@ -576,7 +601,9 @@ class NVCBottleneck(nn.Module):
             return None, None
         anchor_distances = squared_distances(mean.reshape(-1, self.latent_size).float(), self.anchors.float())
         anchor_distances = anchor_distances.reshape(*mean.shape[:-1], self.num_anchors)
-        assignments = anchor_distances.argmin(-1).masked_fill(~valid, -1)
+        assignments = anchor_distances.argmin(-1)
+        if valid is not None:
+            assignments = assignments.masked_fill(~valid, -1)
         return assignments, anchor_distances
 
     def _metric_loss(self, latents: torch.Tensor, labels: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from nvc_hf.nebula import (
     kl_divergence,
     kmeans,
     nebula_loss,
+    pairwise_anchor_distances,
     squared_distances,
     triplet_loss,
 )
@@ -101,6 +102,50 @@ def test_triplet_hardest_pairs_value():
     labels = torch.tensor([0, 0, 1, 1])
     # Per sample: max(0, 9 - 16 + 1), max(0, 9 - 1 + 1), max(0, 36 - 1 + 1), max(0, 36 - 49 + 1).
     assert triplet_loss(latents, labels, margin=1.0).item() == pytest.approx((0 + 9 + 36 + 0) / 4)
+
+
+def test_triplet_gradient_matches_maximum_over_the_distance_matrix():
+    """The loss picks its hardest pairs without autograd; values and gradients must equal the plain formula."""
+    torch.manual_seed(0)
+    latents = torch.randn(40, 5, requires_grad=True)
+    labels = torch.randint(0, 4, (40,))
+    triplet_loss(latents, labels, margin=1.0).backward()
+
+    reference_latents = latents.detach().clone().requires_grad_(True)
+    distances = (reference_latents.unsqueeze(1) - reference_latents.unsqueeze(0)).pow(2).sum(-1)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    positives = same & ~torch.eye(40, dtype=torch.bool)
+    hardest_positive = distances.masked_fill(~positives, float("-inf")).amax(1)
+    hardest_negative = distances.masked_fill(same, float("inf")).amin(1)
+    reference = torch.relu(hardest_positive - hardest_negative + 1.0).mean()
+    reference.backward()
+
+    assert triplet_loss(latents, labels, margin=1.0).item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(latents.grad, reference_latents.grad, atol=1e-5)
+
+
+def test_pairwise_anchor_distances_match_differences():
+    torch.manual_seed(0)
+    anchors = torch.randn(12, 6)
+    expected = (anchors.unsqueeze(1) - anchors.unsqueeze(0)).pow(2).sum(-1)
+    distances = pairwise_anchor_distances(anchors)
+    assert torch.allclose(distances, expected, atol=1e-5)
+    assert (distances.diagonal() == 0).all()
+
+
+def test_no_mask_equals_a_mask_of_ones():
+    torch.manual_seed(0)
+    bottleneck = NVCBottleneck(input_size=6, latent_size=3, num_anchors=4)
+    bottleneck.anchors_initialized.fill_(True)
+    features = torch.randn(2, 5, 6)
+
+    torch.manual_seed(1)
+    unmasked = bottleneck(features)
+    torch.manual_seed(1)
+    masked = bottleneck(features, attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+    for name in ("latents", "assignments", "kl_loss", "nebula_loss", "metric_loss", "loss"):
+        assert torch.equal(getattr(unmasked, name), getattr(masked, name)), name
 
 
 def test_coincident_anchors_give_finite_loss_and_gradients():
