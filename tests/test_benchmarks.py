@@ -25,3 +25,5 @@ def test_step_time_benchmark_covers_every_head():
         assert result["overhead_ratio"] == pytest.approx(
             result["median_step_seconds_nvc"] / result["median_step_seconds_none"], rel=1e-3
         )
+        low, high = result["overhead_ratio_ci95"]
+        assert 0 < low <= high

@@ -1,7 +1,8 @@
 """Measure the NVC overhead: train-step time of a head with NVC divided by the same network without it.
 
 Both models train on the same real batches in one process, alternating step by step, so that load from other
-programs affects both alike. Prints one JSON line per head and anchor count:
+programs affects both alike. Prints one JSON line per head and anchor count, with a 95% bootstrap interval of
+the ratio:
 
     python training/benchmark_step_time.py --head image point text --num_anchors 10 30 100 300 --steps 60
 
@@ -21,7 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 
 from nvc_hf import (
     NVCForConditionalGeneration,
@@ -126,6 +129,27 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     return time.perf_counter() - started
 
 
+def ratio_interval(nvc_seconds: list[float], none_seconds: list[float]) -> tuple[float, float]:
+    """95% bootstrap interval of the ratio of median step times.
+
+    Steps are resampled in pairs (the NVC step and the no-NVC step on the same batch), so load that slowed
+    both models at once stays paired.
+    """
+
+    def ratio_of_medians(nvc: np.ndarray, none: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.median(nvc, axis=axis) / np.median(none, axis=axis)
+
+    result = bootstrap(
+        (np.asarray(nvc_seconds), np.asarray(none_seconds)),
+        ratio_of_medians,
+        paired=True,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def measure(head: str, build: Callable, sample: Callable, num_anchors: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     models = {"nvc": build(num_anchors, "nvc"), "none": build(num_anchors, "none")}
@@ -141,6 +165,7 @@ def measure(head: str, build: Callable, sample: Callable, num_anchors: int, step
                 timings[name].append(seconds)
 
     nvc, none = statistics.median(timings["nvc"]), statistics.median(timings["none"])
+    low, high = ratio_interval(timings["nvc"], timings["none"])
     return {
         "head": head,
         "num_anchors": num_anchors,
@@ -149,6 +174,7 @@ def measure(head: str, build: Callable, sample: Callable, num_anchors: int, step
         "median_step_seconds_nvc": round(nvc, 5),
         "median_step_seconds_none": round(none, 5),
         "overhead_ratio": round(nvc / none, 4),
+        "overhead_ratio_ci95": [round(low, 4), round(high, 4)],
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
