@@ -265,12 +265,10 @@ def _hardest_pairs(latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     with torch.no_grad():
         distances = squared_distances(latents, latents)
         same = labels.unsqueeze(0) == labels.unsqueeze(1)
-        not_self = ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-        positives = same & not_self
-        negatives = ~same
-        positive_index = distances.masked_fill(~positives, float("-inf")).argmax(1)
-        negative_index = distances.masked_fill(~negatives, float("inf")).argmin(1)
-        valid = positives.any(1) & negatives.any(1)
+        positive_scores = distances.masked_fill(~same, float("-inf")).fill_diagonal_(float("-inf"))
+        farthest_positive, positive_index = positive_scores.max(1)
+        nearest_negative, negative_index = distances.masked_fill(same, float("inf")).min(1)
+        valid = (farthest_positive > float("-inf")) & (nearest_negative < float("inf"))
 
     hardest_positive = (latents - latents[positive_index]).pow(2).sum(-1)
     hardest_negative = (latents - latents[negative_index]).pow(2).sum(-1)
@@ -284,10 +282,11 @@ def triplet_loss(latents: torch.Tensor, labels: torch.Tensor, margin: float) -> 
     the same label returns zero (with a gradient path), never NaN.
     """
     hardest_positive, hardest_negative, valid = _hardest_pairs(latents, labels)
-    if not valid.any():
+    num_valid = valid.sum()
+    if num_valid == 0:
         return latents.sum() * 0.0
-    losses = F.relu(hardest_positive[valid] - hardest_negative[valid] + margin)
-    return losses.mean()
+    losses = F.relu(hardest_positive - hardest_negative + margin)
+    return (losses * valid).sum() / num_valid
 
 
 def ratio_loss(latents: torch.Tensor, labels: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -669,7 +668,7 @@ class NVCBottleneck(nn.Module):
             if self.anchor_usage.sum() == 0:
                 # First step after initialisation: start at an even share, so no anchor counts as dead at once.
                 self.anchor_usage.fill_(batch_size / self.num_anchors)
-            self.anchor_usage.mul_(USAGE_EMA_DECAY).add_((1 - USAGE_EMA_DECAY) * counts)
+            self.anchor_usage.lerp_(counts, 1 - USAGE_EMA_DECAY)
             self._reseed_dead_anchors(optimizer, batch_size)
         return self.anchor_statistics(counts)
 
@@ -677,11 +676,13 @@ class NVCBottleneck(nn.Module):
         device = self.anchors.device
         counts = self._pending_counts if self._pending_counts is not None else torch.zeros(self.num_anchors)
         counts = counts.to(device=device, dtype=torch.float32)
-        totals = torch.cat([counts, torch.tensor([float(self._pending_batch_size)], device=device)])
-        if _distributed():
-            dist.all_reduce(totals)
+        batch_size = self._pending_batch_size
         self._pending_counts = None
         self._pending_batch_size = 0
+        if not _distributed():
+            return counts, batch_size
+        totals = torch.cat([counts, torch.tensor([float(batch_size)], device=device)])
+        dist.all_reduce(totals)
         return totals[:-1], int(totals[-1].item())
 
     @torch.no_grad()
