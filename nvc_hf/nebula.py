@@ -260,7 +260,7 @@ def _hardest_pairs(latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
     The hardest partners are chosen without autograd; only the `2 n` chosen distances are then recomputed with
     gradients, so the backward pass never visits the `(n, n)` distance matrix. The values and gradients are
-    those of taking the maximum and minimum over the matrix.
+    those of taking the maximum and minimum over the matrix, apart from how exact ties share the gradient.
     """
     with torch.no_grad():
         distances = squared_distances(latents, latents)

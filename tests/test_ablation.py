@@ -65,8 +65,11 @@ def test_ablate_skips_finished_runs(ablation_folders, capsys):
 @pytest.mark.slow
 def test_report_writes_tables_and_plots(ablation_folders, tmp_path):
     results, _ = ablation_folders
-    output = report.main(["--results_dir", str(results), "--output", str(tmp_path / "RESULTS.md")])
+    output = report.main(
+        ["--results_dir", str(results), "--output", str(tmp_path / "RESULTS.md"), "--title", "Tiny budget"]
+    )
     text = output.read_text()
+    assert text.startswith("# Tiny budget\n")
     assert "## mnist" in text
     assert "| (a) no NVC" in text
     assert "| (c) NVC, KL to N(0, I)" in text
