@@ -48,7 +48,18 @@ def test_ablate_writes_one_record_per_run(ablation_folders):
         assert record["versions"]["torch"] and record["hardware"]["cpu_count"]
     nvc = json.loads((results / "mnist" / "c-seed1.json").read_text())
     assert nvc["training_arguments"]["nvc"]["kl_prior"] == "standard"
+    # The MNIST folder lies inside the repository, so the committed record names it relative to the root.
+    assert nvc["training_arguments"]["image"]["dataset"] == "data/mnist"
     assert "anchor_nmi" in nvc["metrics"]
+
+
+def test_record_paths_inside_the_repository_become_relative(tmp_path):
+    inside = str(ablate.REPOSITORY_ROOT / "data" / "mnist")
+    record = {"command": ["python", inside], "arguments": {"output_dir": str(tmp_path), "seed": 3}}
+    assert ablate.repository_relative(record) == {
+        "command": ["python", "data/mnist"],
+        "arguments": {"output_dir": str(tmp_path), "seed": 3},
+    }
 
 
 @pytest.mark.slow

@@ -192,6 +192,21 @@ def environment() -> dict:
     }
 
 
+def repository_relative(value):
+    """Copy nested record values, writing paths inside the repository relative to its root.
+
+    Records are committed with the repository, so they should not carry the layout of the machine that wrote
+    them. Paths outside the repository stay as they are.
+    """
+    if isinstance(value, dict):
+        return {key: repository_relative(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [repository_relative(item) for item in value]
+    if isinstance(value, str) and value.startswith(f"{REPOSITORY_ROOT}{os.sep}"):
+        return value[len(str(REPOSITORY_ROOT)) + 1 :]
+    return value
+
+
 def run_one(task_name: str, variant: str, seed: int, args: argparse.Namespace, extra: list[str], env: dict) -> bool:
     """Train one variant with one seed and write its record; returns whether it succeeded."""
     task = TASKS[task_name]
@@ -246,7 +261,7 @@ def run_one(task_name: str, variant: str, seed: int, args: argparse.Namespace, e
     # Write the record last and atomically: its presence is what marks the run as finished.
     record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = record_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2))
+    temporary.write_text(json.dumps(repository_relative(record), indent=2))
     temporary.replace(record_path)
     print(f"[{task_name}] {name}: done in {wall_seconds / 60:.1f} min", flush=True)
     return True
