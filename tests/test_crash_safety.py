@@ -99,7 +99,7 @@ def test_killed_writer_keeps_previous_checkpoint(tmp_path, moment):
     assert loop.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
 
 
-# Small runs of the image and point-cloud scripts on real data, with a checkpoint every 3 steps.
+# Small runs of the three training scripts on real data, with a checkpoint every 3 steps.
 KILLED_RUNS = {
     "image": (
         "train_image.py",
@@ -123,6 +123,24 @@ KILLED_RUNS = {
             "--max_eval_samples", "20",
             "--per_device_train_batch_size", "32",
             "--reconstruction_weight", "0",
+        ],
+    ),
+    "translation": (
+        "train_translation.py",
+        [
+            "--max_train_samples", "120",
+            "--max_eval_samples", "4",
+            "--max_test_samples", "4",
+            "--vocab_size", "400",
+            "--max_source_length", "24",
+            "--max_tokens", "256",
+            "--d_model", "32",
+            "--encoder_layers", "1",
+            "--decoder_layers", "1",
+            "--attention_heads", "4",
+            "--ffn_dim", "64",
+            "--latent_size", "16",
+            "--num_anchors", "6",
         ],
     ),
 }  # fmt: skip
