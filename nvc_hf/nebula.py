@@ -168,10 +168,10 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def pairwise_anchor_distances(anchors: torch.Tensor) -> torch.Tensor:
     """Return the `(m, m)` squared distances between anchors `(m, d)`, with an exact zero diagonal.
 
-    This uses the expansion of [`squared_distances`], one `(m, m)` matrix product. The `(m, m, d)` tensor of
-    differences used before made a training step of the bottleneck take 17 ms instead of 4 ms at 300 anchors.
-    Coincident anchors now get a distance of rounding size rather than an exact zero; `eps` in
-    [`inverse_anchor_distance`] keeps their loss finite either way.
+    This uses the expansion of [`squared_distances`], one `(m, m)` matrix product. An `(m, m, d)` tensor of
+    differences made the bottleneck's training step about 4 times slower at 300 anchors. Coincident anchors get a
+    distance of rounding size rather than an exact zero, and `eps` in [`inverse_anchor_distance`] keeps their loss
+    finite.
     """
     distances = squared_distances(anchors, anchors)
     diagonal = torch.eye(anchors.shape[0], dtype=torch.bool, device=anchors.device)
@@ -240,7 +240,7 @@ def nebula_loss(
     masses = anchor_masses(distances_to_anchors, assignments, num_anchors, mass_reduction)
     inverse_distances = inverse_anchor_distance(pairwise_anchor_distances(anchors), form, radius, eps)
     pair_masses = masses.unsqueeze(1) * masses.unsqueeze(0)
-    # The strict upper triangle holds each pair `i < j` once.
+    # The strict upper triangle contains each pair `i < j` once.
     return torch.triu(pair_masses * inverse_distances, diagonal=1).sum()
 
 
@@ -258,7 +258,7 @@ def _hardest_pairs(latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """Return, for each row, the largest squared distance to a same-label row, the smallest to another label,
     and a mask of rows that have both.
 
-    The hardest partners are chosen without autograd; only the `2 n` chosen distances are then recomputed with
+    The hardest partners are chosen without autograd. Only the `2 n` chosen distances are then recomputed with
     gradients, so the backward pass never visits the `(n, n)` distance matrix. The values and gradients are
     those of taking the maximum and minimum over the matrix, apart from how exact ties share the gradient.
     """

@@ -53,7 +53,7 @@ def test_ablate_writes_one_record_per_run(ablation_folders):
     assert "anchor_nmi" in nvc["metrics"]
 
 
-def test_record_paths_inside_the_repository_become_relative(tmp_path):
+def test_record_paths_become_repository_relative(tmp_path):
     inside = str(ablate.REPOSITORY_ROOT / "data" / "mnist")
     record = {"command": ["python", inside], "arguments": {"output_dir": str(tmp_path), "seed": 3}}
     assert ablate.repository_relative(record) == {

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPOSITORY_ROOT
 from safetensors.torch import load_file
+from text_helpers import TOKEN_BATCH_DATA_ARGUMENTS
 
 
 TRAINING = REPOSITORY_ROOT / "training"
@@ -128,12 +129,7 @@ KILLED_RUNS = {
     "translation": (
         "train_translation.py",
         [
-            "--max_train_samples", "120",
-            "--max_eval_samples", "4",
-            "--max_test_samples", "4",
-            "--vocab_size", "400",
-            "--max_source_length", "24",
-            "--max_tokens", "256",
+            *TOKEN_BATCH_DATA_ARGUMENTS,
             "--d_model", "32",
             "--encoder_layers", "1",
             "--decoder_layers", "1",

@@ -104,8 +104,8 @@ def test_triplet_hardest_pairs_value():
     assert triplet_loss(latents, labels, margin=1.0).item() == pytest.approx((0 + 9 + 36 + 0) / 4)
 
 
-def test_triplet_gradient_matches_maximum_over_the_distance_matrix():
-    """The loss picks its hardest pairs without autograd; values and gradients must equal the plain formula."""
+def test_triplet_gradient_matches_plain_formula():
+    """The loss picks its hardest pairs without autograd. Values and gradients must equal the plain formula."""
     torch.manual_seed(0)
     latents = torch.randn(40, 5, requires_grad=True)
     labels = torch.randint(0, 4, (40,))

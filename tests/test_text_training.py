@@ -11,6 +11,7 @@ import torch
 from text_helpers import (
     REPOSITORY_ROOT,
     TINY_MODEL_ARGUMENTS,
+    TOKEN_BATCH_DATA_ARGUMENTS,
     multi30k_pairs,
     single_threaded_torch,  # noqa: F401 (autouse fixture)
     tiny_config,
@@ -258,12 +259,7 @@ def test_script_defaults_keep_the_head_latent_size():
 # 120 real pairs in batches of at most 256 tokens: 12 optimizer steps per epoch, so 18 steps cross an epoch
 # boundary. Evaluation runs only at the last step, so the saved (best) weights are the final weights.
 TOKEN_BATCH_RUN = [
-    "--max_train_samples", "120",
-    "--max_eval_samples", "4",
-    "--max_test_samples", "4",
-    "--vocab_size", "400",
-    "--max_source_length", "24",
-    "--max_tokens", "256",
+    *TOKEN_BATCH_DATA_ARGUMENTS,
     "--max_steps", "18",
     "--eval_steps", "18",
     "--anchor_warmup_ratio", "0.25",

@@ -25,6 +25,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Small enough for the test time budget, large enough that training visibly lowers the loss.
+# 120 real sentence pairs in batches of at most 256 tokens, with a 400-token vocabulary.
+TOKEN_BATCH_DATA_ARGUMENTS = [
+    "--max_train_samples", "120",
+    "--max_eval_samples", "4",
+    "--max_test_samples", "4",
+    "--vocab_size", "400",
+    "--max_source_length", "24",
+    "--max_tokens", "256",
+]  # fmt: skip
 TINY_MODEL_ARGUMENTS = [
     "--d_model", "64",
     "--encoder_layers", "2",
